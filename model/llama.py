@@ -1,0 +1,82 @@
+"""Load OpenLLaMA (a local HF folder or a hub id) for training and inference.
+
+No device placement here: the DeepSpeed engine places the trained model, and inference
+moves the loaded model itself.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoTokenizer, GenerationConfig, LlamaForCausalLM, PreTrainedTokenizerBase
+
+from openalpaca.prompts import BOS_ID, EOS_ID, PAD_ID
+
+WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "model*.bin")
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+class ModelPathError(ValueError):
+    """The model folder is missing something; the message names the folder and the file."""
+
+
+def check_model_folder(path: str | Path, need_weights: bool = True) -> None:
+    """Fail early, before any model is built, when a local model folder is incomplete.
+
+    A path that is not a local folder is left to ``from_pretrained`` (a hub id).
+    """
+    path = Path(path)
+    if not path.exists():
+        if str(path).startswith((".", "/")) or path.suffix:
+            raise ModelPathError(f"{path}: model folder not found (see openllama_ckpt/README.md)")
+        return
+    if not path.is_dir():
+        raise ModelPathError(f"{path}: expected a model folder, found a file")
+    if not (path / "config.json").is_file():
+        raise ModelPathError(f"{path}: no config.json in the model folder")
+    if not any((path / name).is_file() for name in ("tokenizer.model", "tokenizer.json")):
+        raise ModelPathError(f"{path}: no tokenizer (tokenizer.model or tokenizer.json) in the model folder")
+    if need_weights and not any(any(path.glob(p)) for p in WEIGHT_PATTERNS):
+        raise ModelPathError(f"{path}: no weights (*.safetensors or pytorch_model*.bin) in the model folder")
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    """The tokenizer of ``path``, checked to use OpenLLaMA's special ids (bos 1, eos 2)."""
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    found = {"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id}
+    if found != {"bos": BOS_ID, "eos": EOS_ID}:
+        raise ModelPathError(f"{path}: tokenizer has bos/eos ids {found}, expected bos {BOS_ID}, eos {EOS_ID}")
+    return tokenizer
+
+
+def load_model(path: str | Path, dtype: str = "fp32", **kwargs: Any) -> LlamaForCausalLM:
+    """``LlamaForCausalLM.from_pretrained`` in ``dtype``.
+
+    Called inside a live ``HfDeepSpeedConfig`` (see ``train_sft.build_engine``) the weights are
+    loaded straight into ZeRO-3 partitions, so no rank ever holds the whole model.
+    """
+    return LlamaForCausalLM.from_pretrained(str(path), dtype=TORCH_DTYPES[dtype], **kwargs)
+
+
+def generation_config() -> GenerationConfig:
+    return GenerationConfig(bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
+
+
+def save_model_metadata(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, src: str | Path,
+                        dst: str | Path) -> None:
+    """Write config.json, generation_config.json and the tokenizer files next to a checkpoint.
+
+    ``tokenizer.model`` is copied from the source folder as is: the seed's listing has it and
+    older transformers need it.
+    """
+    dst = Path(dst)
+    model.config.save_pretrained(dst)
+    generation_config().save_pretrained(dst)
+    tokenizer.save_pretrained(dst)
+    for name in TOKENIZER_FILES:
+        if (Path(src) / name).is_file() and not (dst / name).exists():
+            shutil.copy2(Path(src) / name, dst / name)

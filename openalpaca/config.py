@@ -1,0 +1,220 @@
+"""The typed training config: YAML file + CLI overrides, and the DeepSpeed JSON derived from it.
+
+``config/openllama.yaml`` holds the run (epochs, max length, batch, lr, seed, saving); the
+DeepSpeed JSON holds the engine (ZeRO stage, optimizer type, betas, clipping). Every value the
+two share is ``"auto"`` in the JSON and filled in from the YAML here, as the Hugging Face
+Trainer does; a number written in the JSON instead must agree with the YAML, or the run stops
+before any model is built.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DTYPES = ("bf16", "fp16", "fp32")
+
+
+class ConfigError(ValueError):
+    """A config problem, phrased for the user: it names the file and the key."""
+
+
+@dataclass
+class TrainConfig:
+    # where things are (the seed's three flags)
+    model_path: str = "./openllama_ckpt"
+    data_path: str = "./openalpaca.json"
+    save_path: str = "./ckpt/openalpaca"
+    ds_config: str = "dsconfig/openllama.json"
+    # the seed's hyper-parameters
+    epochs: int = 2
+    max_length: int = 1024
+    batch_size: int = 64  # samples per optimizer step, over all ranks
+    micro_batch_size: int = 1  # samples per forward pass on one rank
+    lr: float = 2e-5
+    warmup_steps: int = 10
+    dtype: str = "bf16"
+    seed: int = 0
+    gradient_checkpointing: bool = True
+    # bookkeeping
+    logging_steps: int = 1
+    save_steps: int = 0  # 0: save only at the end
+    keep_last: int = 2  # checkpoints kept on disk (the final one always stays)
+    resume: bool = False  # continue from `latest` in save_path
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name in ("epochs", "max_length", "batch_size", "micro_batch_size", "logging_steps", "keep_last"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "save_steps"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not self.lr > 0:
+            problems.append(f"lr must be > 0, got {self.lr}")
+        if self.dtype not in DTYPES:
+            problems.append(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _check_type(name: str, value: Any, typ: type, source: str) -> Any:
+    """YAML's value for ``name`` with the dataclass field's type, or a ConfigError."""
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, typ) or (typ is not bool and isinstance(value, bool)):
+        raise ConfigError(f"{source}: key {name!r} must be {typ.__name__}, got {value!r}")
+    return value
+
+
+FIELD_TYPES = {f.name: {"str": str, "int": int, "float": float, "bool": bool}[f.type] for f in fields(TrainConfig)}
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config into checked field values; unknown keys and wrong types fail."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys to values, got {type(raw).__name__}")
+    unknown = sorted(set(raw) - set(FIELD_TYPES))
+    if unknown:
+        raise ConfigError(f"{path}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(FIELD_TYPES)}")
+    return {k: _check_type(k, v, FIELD_TYPES[k], str(path)) for k, v in raw.items()}
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+HELP = {
+    "model_path": "HF folder (or hub id) of the base model: config.json, weights, tokenizer.model",
+    "data_path": "Alpaca-format JSON list or JSONL (instruction, input, output)",
+    "save_path": "where checkpoints, the tokenizer, configs and logs are written",
+    "ds_config": "DeepSpeed JSON; its 'auto' values are filled from this config",
+    "resume": "continue from the `latest` checkpoint in save_path",
+}
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Supervised fine-tuning with DeepSpeed ZeRO-3. Every config key can be overridden "
+        "on the command line; flags win over the YAML file."
+    )
+    parser.add_argument("--config", default="config/openllama.yaml", help="YAML file with the run's settings")
+    parser.add_argument("--local_rank", type=int, default=-1, help="set by the DeepSpeed launcher")
+    for f in fields(TrainConfig):
+        typ = FIELD_TYPES[f.name]
+        parser.add_argument(
+            f"--{f.name}",
+            type=_parse_bool if typ is bool else typ,
+            default=None,
+            help=f"{HELP.get(f.name, f.name.replace('_', ' '))} (default: {f.default})",
+        )
+    return parser
+
+
+def load_config(argv: list[str] | None = None) -> TrainConfig:
+    """TrainConfig from ``--config`` YAML, then CLI flags on top."""
+    args = build_arg_parser().parse_args(argv)
+    values = load_yaml(args.config)
+    values.update({k: v for k, v in vars(args).items() if k in FIELD_TYPES and v is not None})
+    try:
+        return TrainConfig(**values)
+    except ConfigError as err:
+        raise ConfigError(f"{args.config}: {err}") from None
+
+
+# ---------------------------------------------------------------------------- DeepSpeed JSON
+
+
+def steps_per_epoch(num_samples: int, batch_size: int) -> int:
+    """Optimizer steps in one epoch; the last step is partial rather than dropping samples."""
+    return math.ceil(num_samples / batch_size)
+
+
+def gradient_accumulation_steps(cfg: TrainConfig, world_size: int) -> int:
+    per_step = cfg.micro_batch_size * world_size
+    if cfg.batch_size % per_step:
+        raise ConfigError(
+            f"batch_size {cfg.batch_size} is not divisible by micro_batch_size {cfg.micro_batch_size} x "
+            f"world size {world_size} = {per_step}; pick a batch_size that is a multiple of {per_step}"
+        )
+    return cfg.batch_size // per_step
+
+
+@dataclass
+class _Resolver:
+    path: str
+    problems: list[str] = field(default_factory=list)
+
+    def fill(self, section: dict, key: str, value: Any, where: str) -> None:
+        """Set ``section[key]`` to ``value`` if it is missing or "auto"; else it must agree."""
+        current = section.get(key, "auto")
+        if current == "auto":
+            section[key] = value
+        elif current != value and not (isinstance(value, float) and math.isclose(current, value, rel_tol=1e-9)):
+            self.problems.append(f"{where}{key} is {current!r} but the training config gives {value!r}")
+
+
+def resolve_ds_config(
+    raw: dict[str, Any], cfg: TrainConfig, world_size: int, total_steps: int, path: str = "<ds_config>"
+) -> dict[str, Any]:
+    """The DeepSpeed config with every "auto" filled from ``cfg``; disagreements fail, naming the key."""
+    ds = json.loads(json.dumps(raw))
+    r = _Resolver(path)
+    r.fill(ds, "train_batch_size", cfg.batch_size, "")
+    r.fill(ds, "train_micro_batch_size_per_gpu", cfg.micro_batch_size, "")
+    r.fill(ds, "gradient_accumulation_steps", gradient_accumulation_steps(cfg, world_size), "")
+    optimizer = ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
+    r.fill(optimizer.setdefault("params", {}), "lr", cfg.lr, "optimizer.params.")
+    scheduler = ds.get("scheduler")
+    if scheduler is not None:
+        params = scheduler.setdefault("params", {})
+        if "warmup_max_lr" in params:
+            r.fill(params, "warmup_max_lr", cfg.lr, "scheduler.params.")
+        if "warmup_num_steps" in params:
+            r.fill(params, "warmup_num_steps", min(cfg.warmup_steps, total_steps), "scheduler.params.")
+        if "total_num_steps" in params:
+            r.fill(params, "total_num_steps", total_steps, "scheduler.params.")
+    for precision in ("bf16", "fp16"):
+        r.fill(ds.setdefault(precision, {}), "enabled", cfg.dtype == precision, f"{precision}.")
+    if r.problems:
+        raise ConfigError(f"{path} disagrees with the training config: " + "; ".join(r.problems))
+    return ds
+
+
+def load_ds_config(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        ds = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: DeepSpeed config not found") from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path}: not valid JSON: {err}") from None
+    if not isinstance(ds, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    stage = ds.get("zero_optimization", {}).get("stage")
+    if stage not in (2, 3):
+        raise ConfigError(f"{path}: zero_optimization.stage must be 2 or 3, got {stage!r}")
+    return ds

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Fine-tune with the DeepSpeed launcher (ZeRO-3), run from the repository root.
+#
+#   ./scripts/train_sft.sh                                  # all local GPUs, the seed's paths
+#   ./scripts/train_sft.sh --num_gpus 2 --save_path ./ckpt/run2
+#   ./scripts/train_sft.sh --hostfile hostfile --master_addr node1   # multi-node: the launcher's job
+#
+# Launcher flags (--num_gpus, --num_nodes, --hostfile, --include, --exclude, --master_addr,
+# --master_port) go to `deepspeed`; every other flag goes to train_sft.py and overrides the
+# defaults below and config/openllama.yaml (see `python train_sft.py --help`).
+# On a machine without GPUs, --num_gpus N starts N CPU ranks (gloo).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python}
+
+launcher=()
+args=(--model_path ./openllama_ckpt --data_path ./openalpaca.json --save_path ./ckpt/openalpaca)
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --num_gpus|--num_nodes|--hostfile|--include|--exclude|--master_addr|--master_port)
+      launcher+=("$1" "$2"); shift 2 ;;
+    *) args+=("$1"); shift ;;
+  esac
+done
+
+export DS_ACCELERATOR=${DS_ACCELERATOR:-$("$PYTHON" -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')}
+exec "$PYTHON" -m deepspeed.launcher.runner "${launcher[@]}" train_sft.py "${args[@]}"

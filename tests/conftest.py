@@ -1,0 +1,60 @@
+"""Shared fixtures: a tokenizer and a tiny random LLaMA the tests make themselves."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+WORDS = "apple pear plum fig kiwi lime date mango grape melon red blue green black white one two three".split()
+
+
+def make_records(n: int, seed: int = 0) -> list[dict[str, str]]:
+    """Alpaca records of a learnable task: repeat the input's words, or name a fixed fruit."""
+    rng = random.Random(seed)
+    records = []
+    for i in range(n):
+        words = [rng.choice(WORDS) for _ in range(rng.randint(2, 5))]
+        if i % 3 == 0:
+            records.append({"instruction": "Name a fruit.", "input": "", "output": "apple"})
+        else:
+            records.append({"instruction": "Repeat the words.", "input": " ".join(words), "output": " ".join(words)})
+    return records
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny LLaMA HF folder shaped like openllama_ckpt/ (tokenizer.model, config, weights)."""
+    from model.tiny import make_tiny_checkpoint
+
+    out = tmp_path_factory.mktemp("tiny_llama")
+    texts = [" ".join(WORDS)] * 4 + [json.dumps(r) for r in make_records(50)]
+    make_tiny_checkpoint(out, texts, vocab_size=300, hidden_size=32, num_layers=2, num_heads=4)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_model_dir):
+    from model.llama import load_tokenizer
+
+    return load_tokenizer(tiny_model_dir)
+
+
+@pytest.fixture()
+def alpaca_file(tmp_path) -> Path:
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(make_records(48)))
+    return path
+
+
+def run(cmd: list[str], timeout: int = 300, **kwargs) -> subprocess.CompletedProcess:
+    """Run a repo command from the repository root, as a user would; fail with its output."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHON": sys.executable, "PYTHONUNBUFFERED": "1"}
+    env.pop("PYTHONPATH", None)
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, **kwargs)

@@ -1,0 +1,113 @@
+"""The typed config: YAML + CLI, and the DeepSpeed JSON derived from it."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from openalpaca.config import (
+    ConfigError,
+    TrainConfig,
+    load_config,
+    load_ds_config,
+    load_yaml,
+    resolve_ds_config,
+    steps_per_epoch,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+SEED_DS = load_ds_config(REPO / "dsconfig" / "openllama.json")
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "config").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    cfg = load_config(["--config", str(path)])
+    resolve_ds_config(load_ds_config(REPO / cfg.ds_config), cfg, world_size=2, total_steps=10)
+
+
+def test_seed_hyper_parameters():
+    cfg = load_config(["--config", str(REPO / "config" / "openllama.yaml")])
+    assert (cfg.batch_size, cfg.lr, cfg.epochs, cfg.max_length, cfg.dtype) == (64, 2e-5, 2, 1024, "bf16")
+    ds = resolve_ds_config(SEED_DS, cfg, world_size=8, total_steps=470)
+    assert ds["zero_optimization"]["stage"] == 3
+    assert ds["optimizer"]["params"]["betas"] == [0.9, 0.95]
+    assert ds["optimizer"]["params"]["weight_decay"] == 0.001
+    assert ds["scheduler"]["type"] == "WarmupDecayLR"
+    assert ds["gradient_clipping"] == 1.0
+    assert ds["bf16"]["enabled"] is True and ds["fp16"]["enabled"] is False
+
+
+@pytest.mark.parametrize("world_size, gas", [(1, 64), (2, 32), (8, 8)])
+def test_accumulation_is_derived_from_the_world_size(world_size, gas):
+    ds = resolve_ds_config(SEED_DS, TrainConfig(), world_size=world_size, total_steps=470)
+    assert ds["gradient_accumulation_steps"] == gas
+    assert ds["train_batch_size"] == 64 and ds["train_micro_batch_size_per_gpu"] == 1
+    assert ds["optimizer"]["params"]["lr"] == ds["scheduler"]["params"]["warmup_max_lr"] == 2e-5
+    assert ds["scheduler"]["params"]["total_num_steps"] == 470
+
+
+def test_total_steps_come_from_data_size_and_epochs():
+    assert steps_per_epoch(15011, 64) == 235  # the last, partial step is kept
+    assert steps_per_epoch(128, 64) == 2
+
+
+def test_a_batch_the_world_cannot_divide_fails_clearly():
+    with pytest.raises(ConfigError, match="batch_size 64 is not divisible by .* world size 3"):
+        resolve_ds_config(SEED_DS, TrainConfig(), world_size=3, total_steps=10)
+
+
+@pytest.mark.parametrize(
+    "edit, key",
+    [
+        (lambda ds: ds.update(train_batch_size=128), "train_batch_size"),
+        (lambda ds: ds.update(gradient_accumulation_steps=4), "gradient_accumulation_steps"),
+        (lambda ds: ds["optimizer"]["params"].update(lr=1e-4), "optimizer.params.lr"),
+        (lambda ds: ds["scheduler"]["params"].update(total_num_steps=7), "scheduler.params.total_num_steps"),
+        (lambda ds: ds["bf16"].update(enabled=False), "bf16.enabled"),
+    ],
+)
+def test_a_ds_json_that_disagrees_fails_naming_file_and_key(edit, key):
+    ds = json.loads(json.dumps(SEED_DS))
+    edit(ds)
+    with pytest.raises(ConfigError, match=rf"my\.json disagrees .*{key}"):
+        resolve_ds_config(ds, TrainConfig(), world_size=1, total_steps=470, path="my.json")
+
+
+def test_explicit_values_that_agree_are_accepted():
+    ds = json.loads(json.dumps(SEED_DS))
+    ds.update(train_batch_size=64, gradient_accumulation_steps=32)
+    ds["optimizer"]["params"]["lr"] = 2e-5
+    assert resolve_ds_config(ds, TrainConfig(), world_size=2, total_steps=470)["gradient_accumulation_steps"] == 32
+
+
+def test_cli_overrides_yaml(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"epochs": 3, "lr": 1e-3}))
+    cfg = load_config(["--config", str(path), "--lr", "5e-4", "--gradient_checkpointing", "false"])
+    assert (cfg.epochs, cfg.lr, cfg.gradient_checkpointing) == (3, 5e-4, False)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ({"epoch": 2}, r"unknown key\(s\) epoch"),
+        ({"epochs": "two"}, r"'epochs' must be int"),
+        ({"epochs": True}, r"'epochs' must be int"),
+        ({"lr": "fast"}, r"'lr' must be float"),
+        ({"dtype": "fp8"}, r"dtype must be one of"),
+        ({"batch_size": 0}, r"batch_size must be >= 1"),
+    ],
+)
+def test_bad_yaml_fails_naming_file_and_key(tmp_path, content, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(content))
+    with pytest.raises(ConfigError, match=message) as err:
+        load_config(["--config", str(path)])
+    assert "bad.yaml" in str(err.value)
+
+
+def test_integer_lr_in_yaml_is_a_float(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: 1\n")
+    assert load_yaml(path) == {"lr": 1.0}

@@ -1,0 +1,218 @@
+"""Supervised fine-tuning of OpenLLaMA on Alpaca-format data with DeepSpeed ZeRO-3.
+
+Launched by ``scripts/train_sft.sh`` (the DeepSpeed launcher, any number of GPUs or CPU ranks);
+``python train_sft.py ...`` alone runs one process. Every problem with the config, the data or
+the model folder is reported before any model is built.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import shutil
+import socket
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import yaml
+from tqdm import tqdm
+
+from model.llama import ModelPathError, check_model_folder, load_model, load_tokenizer, save_model_metadata
+from openalpaca.config import (
+    ConfigError,
+    TrainConfig,
+    load_config,
+    load_ds_config,
+    resolve_ds_config,
+    steps_per_epoch,
+)
+from openalpaca.data import DataError, SFTDataset, micro_batches, plan_epoch, read_records
+from openalpaca.loss import token_ce_sum
+
+REPO = Path(__file__).resolve().parent
+CONFIG_NAME = "train_config.yaml"  # the resolved config, written next to every checkpoint
+STATE_NAME = "trainer_state_rank{rank}.pt"  # per-rank RNG state inside a checkpoint tag
+TMP_PREFIX = "tmp-"  # a tag is written under this prefix and renamed once every rank is done
+
+# gloo's collectives through torch.distributed warn on every call under DeepSpeed.
+warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on; the message says at which step and why."""
+
+
+def single_process_env() -> None:
+    """``python train_sft.py`` without a launcher: describe a world of one."""
+    if "RANK" in os.environ:
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
+def prepare(cfg: TrainConfig, world_size: int) -> tuple[SFTDataset, object, dict, int]:
+    """Everything that can fail on user input, checked before DeepSpeed or a model is touched."""
+    raw_ds = load_ds_config(cfg.ds_config)
+    check_model_folder(cfg.model_path)
+    records = read_records(cfg.data_path)
+    tokenizer = load_tokenizer(cfg.model_path)
+    dataset = SFTDataset.from_records(records, tokenizer, cfg.max_length)
+    if len(dataset) == 0:
+        raise DataError(f"{cfg.data_path}: none of {len(records)} records fits in max_length {cfg.max_length}")
+    total_steps = cfg.epochs * steps_per_epoch(len(dataset), cfg.batch_size)
+    ds_config = resolve_ds_config(raw_ds, cfg, world_size, total_steps, path=cfg.ds_config)
+    return dataset, tokenizer, ds_config, total_steps
+
+
+def build_engine(cfg: TrainConfig, ds_config: dict):
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
+
+    # While this object lives, from_pretrained loads weights straight into ZeRO-3 partitions.
+    ds_hf = HfDeepSpeedConfig(ds_config)
+    model = load_model(cfg.model_path, cfg.dtype)
+    del ds_hf
+    model.config.use_cache = False
+    if cfg.gradient_checkpointing:
+        model.activation_checkpointing_enable()  # non-reentrant, the transformers 5.x default
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
+    return engine
+
+
+def all_reduce_sum(value: float | torch.Tensor, device: torch.device) -> float:
+    t = torch.as_tensor(value, dtype=torch.float64, device=device).clone()
+    dist.all_reduce(t)
+    return t.item()
+
+
+def save_checkpoint(engine, cfg: TrainConfig, step: int, epoch: int) -> str:
+    """Write tag ``global_step{step}`` so that it becomes ``latest`` only once every rank finished it."""
+    rank, save = dist.get_rank(), Path(cfg.save_path)
+    tag = f"global_step{step}"
+    tmp = TMP_PREFIX + tag
+    client_state = {"global_step": step, "epoch": epoch, "seed": cfg.seed, "config": cfg.to_dict()}
+    engine.save_checkpoint(str(save), tag=tmp, client_state=client_state, save_latest=False)
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    torch.save(rng, save / tmp / STATE_NAME.format(rank=rank))
+    dist.barrier()
+    if rank == 0:
+        shutil.rmtree(save / tag, ignore_errors=True)
+        os.replace(save / tmp, save / tag)
+        (save / "latest.tmp").write_text(tag)
+        os.replace(save / "latest.tmp", save / "latest")
+        # DeepSpeed drops its own converter here; ours also accepts the seed's `... pytorch_model.bin` form.
+        shutil.copy2(REPO / "scripts" / "zero_to_fp32.py", save / "zero_to_fp32.py")
+        prune_checkpoints(save, cfg.keep_last, keep=tag)
+    dist.barrier()
+    return tag
+
+
+def prune_checkpoints(save: Path, keep_last: int, keep: str) -> None:
+    tags = sorted(
+        (p for p in save.glob("global_step*") if p.is_dir()), key=lambda p: int(p.name.removeprefix("global_step"))
+    )
+    for path in tags[:-keep_last]:
+        if path.name != keep:
+            shutil.rmtree(path)
+    for path in save.glob(TMP_PREFIX + "*"):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def resume(engine, cfg: TrainConfig) -> int:
+    """Load ``latest`` from save_path; returns the number of optimizer steps already done."""
+    latest = Path(cfg.save_path) / "latest"
+    if not latest.is_file():
+        return 0
+    tag = latest.read_text().strip()
+    _, client_state = engine.load_checkpoint(cfg.save_path, tag=tag)
+    rng = torch.load(Path(cfg.save_path) / tag / STATE_NAME.format(rank=dist.get_rank()), weights_only=False)
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    return client_state["global_step"]
+
+
+def train(cfg: TrainConfig, dataset: SFTDataset, tokenizer, ds_config: dict, total_steps: int) -> None:
+    import deepspeed
+
+    deepspeed.init_distributed()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    engine = build_engine(cfg, ds_config)
+    gas = engine.gradient_accumulation_steps()
+    per_epoch = steps_per_epoch(len(dataset), cfg.batch_size)
+    step = resume(engine, cfg) if cfg.resume else 0
+    if rank == 0:
+        Path(cfg.save_path).mkdir(parents=True, exist_ok=True)
+        save_model_metadata(engine.module, tokenizer, cfg.model_path, cfg.save_path)
+        (Path(cfg.save_path) / CONFIG_NAME).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        print(f"{len(dataset)} samples ({dataset.num_skipped} skipped: prompt longer than max_length, "
+              f"{dataset.num_truncated} truncated), {world} ranks x {gas} accumulation x "
+              f"{cfg.micro_batch_size} = batch {cfg.batch_size}; {total_steps} steps, starting at {step}")
+    bar = tqdm(total=total_steps, initial=step, disable=rank != 0, desc="train", dynamic_ncols=True)
+    plan, plan_for, tokens_seen, t0 = None, None, 0, time.time()
+    while step < total_steps:
+        epoch, step_in_epoch = divmod(step, per_epoch)
+        if plan_for != epoch:
+            plan = plan_epoch(len(dataset), epoch, cfg.seed, cfg.batch_size, cfg.micro_batch_size, world, rank)
+            plan_for = epoch
+        batches = micro_batches(dataset, plan[step_in_epoch])
+        # Every supervised token of the optimizer step weighs the same, whichever rank and
+        # micro-batch it landed in: normalise by the step's total, not per micro-batch.
+        n_tokens = all_reduce_sum(sum((b["labels"] != -100).sum() for b in batches), engine.device)
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        for batch in batches:
+            logits = engine(input_ids=batch["input_ids"].to(engine.device),
+                            attention_mask=batch["attention_mask"].to(engine.device)).logits
+            ce = token_ce_sum(logits, batch["labels"].to(engine.device))
+            # DeepSpeed divides by gas and averages over ranks; undo both so the gradient is sum / n_tokens.
+            engine.backward(ce * (gas * world / n_tokens))
+            engine.step()
+            loss_sum += ce.detach().double().cpu()
+        step += 1
+        loss = all_reduce_sum(loss_sum, engine.device) / n_tokens
+        tokens_seen += n_tokens
+        if not math.isfinite(loss):
+            raise TrainingError(f"non-finite loss {loss} at step {step}; stopping, the last good checkpoint is kept")
+        if step % cfg.logging_steps == 0 or step == total_steps:
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{engine.get_lr()[0]:.2e}",
+                            tok_s=f"{tokens_seen / (time.time() - t0):.0f}")
+            if rank == 0:
+                tqdm.write(f"step {step}/{total_steps} epoch {epoch} loss {loss:.4f} lr {engine.get_lr()[0]:.3e}")
+        bar.update(1)
+        if cfg.save_steps and step % cfg.save_steps == 0 and step < total_steps:
+            save_checkpoint(engine, cfg, step, epoch)
+    bar.close()
+    tag = save_checkpoint(engine, cfg, step, epoch=cfg.epochs)
+    if rank == 0:
+        print(f"done: {step} steps, {tokens_seen:.0f} supervised tokens in {time.time() - t0:.0f}s; "
+              f"checkpoint {Path(cfg.save_path) / tag}; convert with "
+              f"python {cfg.save_path}/zero_to_fp32.py {cfg.save_path} {cfg.save_path}/pytorch_model.bin")
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg = load_config(argv)
+        single_process_env()
+        dataset, tokenizer, ds_config, total_steps = prepare(cfg, int(os.environ["WORLD_SIZE"]))
+    except (ConfigError, DataError, ModelPathError) as err:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {err}", file=sys.stderr)
+        return 1
+    try:
+        train(cfg, dataset, tokenizer, ds_config, total_steps)
+    except TrainingError as err:
+        print(f"error (rank {os.environ['RANK']}): {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
