@@ -1,0 +1,214 @@
+"""Build a small DeepSpeed ZeRO-3 engine, train it a few steps and save a checkpoint like the trainer.
+
+The export tests and ``bench/export_memory.py`` need a *real* ZeRO-3 checkpoint (rank files,
+``latest``, the files the trainer copies beside them) rather than a hand-made imitation, because
+the point is to read exactly what ``engine.save_checkpoint`` writes.
+
+DeepSpeed's process group is global to a process, so callers run this module as a child process
+(``python tests/helpers_engine.py ...`` or under ``torchrun``) instead of importing and calling
+``build_engine`` inside pytest: other test files initialise DeepSpeed with other settings, and a
+child also hands its memory back when it exits. ``make_trained_checkpoint`` does the launching.
+
+The child writes ``{save_path}/../engine_logits.pt``-style output (path given by ``--logits``): the
+engine's logits on a fixed input, computed by the ZeRO-3 engine itself (its forward gathers the
+partitioned parameters), which is the reference every export is compared against.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+MODEL_FILES = ("config.json", "generation_config.json")
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago, for MASTER_PORT of a one-process group."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def single_process_env(port: int | None = None) -> dict[str, str]:
+    """Environment for a one-rank DeepSpeed run without a launcher (else it tries mpi4py)."""
+    env = dict(os.environ)
+    env.update(
+        RANK="0",
+        WORLD_SIZE="1",
+        LOCAL_RANK="0",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port or free_port()),
+        DS_ACCELERATOR="cpu",
+        HF_HUB_OFFLINE="1",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")])),
+    )
+    return env
+
+
+def ds_config(dtype: str = "fp32", lr: float = 1e-2, micro_batch: int = 2, world_size: int = 1) -> dict[str, Any]:
+    """A ZeRO-3 config shaped like ``dsconfig/openllama.json`` with concrete numbers.
+
+    The persistence threshold is low so a tiny model has both kinds of parameters: partitioned
+    matrices and small persistent ones (norms), which the checkpoint stores differently.
+    """
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": micro_batch * world_size,
+        "gradient_clipping": 1.0,
+        "steps_per_print": 1_000_000,
+        "zero_optimization": {
+            "stage": 3,
+            "stage3_param_persistence_threshold": 100,
+            "stage3_gather_16bit_weights_on_model_save": False,
+        },
+        "optimizer": {"type": "AdamW", "params": {"lr": lr, "weight_decay": 0.0, "torch_adam": True}},
+        "bf16": {"enabled": dtype == "bf16"},
+        "fp16": {"enabled": False},
+    }
+
+
+def build_engine(model_dir: str | Path, config: dict[str, Any], from_config: bool = False) -> Any:
+    """A ZeRO-3 engine on the LLaMA in ``model_dir``, partitioned as it is built.
+
+    ``HfDeepSpeedConfig`` must be alive while the model is built (transformers then builds it
+    inside ``deepspeed.zero.Init``) and is dropped afterwards so it does not leak into later
+    model loads. ``from_config`` builds random weights from config.json alone (the benchmark's
+    big model has no weight files to read).
+    """
+    import deepspeed
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
+
+    dtype = torch.bfloat16 if config["bf16"]["enabled"] else torch.float32
+    hf_ds = HfDeepSpeedConfig(config)
+    if from_config:
+        model = LlamaForCausalLM._from_config(LlamaConfig.from_pretrained(str(model_dir)), dtype=dtype)
+    else:
+        model = LlamaForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
+    del hf_ds
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+    return engine
+
+
+def copy_trainer_files(model_dir: str | Path, save_path: str | Path, dtype: str) -> None:
+    """Put beside the rank files what the trainer puts there: config, tokenizer, train config, converter."""
+    model_dir, save_path = Path(model_dir), Path(save_path)
+    for name in (*MODEL_FILES, *TOKENIZER_FILES):
+        if (model_dir / name).is_file():
+            shutil.copy2(model_dir / name, save_path / name)
+    (save_path / "train_config.yaml").write_text(f"dtype: {dtype}\nsave_path: {save_path}\n")
+    shutil.copy2(REPO / "scripts" / "zero_to_fp32.py", save_path / "zero_to_fp32.py")
+
+
+def train_and_save(
+    model_dir: str | Path,
+    save_path: str | Path,
+    logits_path: str | Path | None,
+    steps: int = 3,
+    dtype: str = "fp32",
+    seed: int = 0,
+    from_config: bool = False,
+    seq_len: int = 16,
+) -> None:
+    """Train ``steps`` steps on random ids, record the engine's logits, save like the trainer."""
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    world_size, rank = dist.get_world_size(), dist.get_rank()
+    engine = build_engine(model_dir, ds_config(dtype, world_size=world_size), from_config=from_config)
+    vocab = engine.module.config.vocab_size
+    micro = engine.train_micro_batch_size_per_gpu()
+    gen = torch.Generator().manual_seed(seed + rank)
+    engine.train()
+    for _ in range(steps):
+        ids = torch.randint(3, vocab, (micro, seq_len), generator=gen)
+        loss = engine(input_ids=ids, labels=ids).loss
+        engine.backward(loss)
+        engine.step()
+    engine.eval()
+    probe = torch.randint(3, vocab, (2, seq_len), generator=torch.Generator().manual_seed(seed + 1000))
+    with torch.no_grad():
+        logits = engine(input_ids=probe).logits.float()
+    engine.save_checkpoint(str(save_path))
+    dist.barrier()
+    if rank == 0:
+        copy_trainer_files(model_dir, save_path, dtype)
+        if logits_path is not None:
+            torch.save({"input_ids": probe, "logits": logits}, str(logits_path))
+
+
+def make_trained_checkpoint(
+    model_dir: str | Path,
+    save_path: str | Path,
+    logits_path: str | Path,
+    steps: int = 3,
+    dtype: str = "fp32",
+    timeout: float = 300,
+) -> None:
+    """Run ``train_and_save`` in a one-rank child process (see the module docstring for why)."""
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--model_dir",
+        str(Path(model_dir).resolve()),
+        "--save_path",
+        str(Path(save_path).resolve()),
+        "--logits",
+        str(Path(logits_path).resolve()),
+        "--steps",
+        str(steps),
+        "--dtype",
+        dtype,
+    ]
+    done = subprocess.run(cmd, env=single_process_env(), cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        raise RuntimeError(f"engine child failed ({done.returncode}):\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model_dir", required=True, help="HF LLaMA folder (config.json, tokenizer, weights)")
+    parser.add_argument("--save_path", required=True, help="where engine.save_checkpoint writes, as the trainer's --save_path")
+    parser.add_argument("--logits", default=None, help="file for the engine's probe input ids and logits (rank 0)")
+    parser.add_argument("--steps", type=int, default=3, help="training steps before saving, so weights differ from init")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="training dtype (fp16 fails on CPU)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random training ids and of the probe input")
+    parser.add_argument(
+        "--from_config", action="store_true", help="random weights from config.json alone (no weight files read)"
+    )
+    parser.add_argument("--seq_len", type=int, default=16, help="tokens per training sample and probe row")
+    parser.add_argument("--local_rank", type=int, default=0, help="set by the deepspeed launcher; unused")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    Path(args.save_path).mkdir(parents=True, exist_ok=True)
+    train_and_save(
+        args.model_dir,
+        args.save_path,
+        args.logits,
+        steps=args.steps,
+        dtype=args.dtype,
+        seed=args.seed,
+        from_config=args.from_config,
+        seq_len=args.seq_len,
+    )
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO))
+    main()
