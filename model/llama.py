@@ -29,11 +29,11 @@ def check_model_folder(path: str | Path, need_weights: bool = True) -> None:
 
     A path that is not a local folder is left to ``from_pretrained`` (a hub id).
     """
-    path = Path(path)
+    text, path = str(path), Path(path)
     if not path.exists():
-        if str(path).startswith((".", "/")) or path.suffix:
-            raise ModelPathError(f"{path}: model folder not found (see openllama_ckpt/README.md)")
-        return
+        if text.startswith((".", "/", "~")) or text.count("/") != 1:
+            raise ModelPathError(f"{text}: model folder not found (see openllama_ckpt/README.md)")
+        return  # "owner/name": a hub id, fetched by from_pretrained
     if not path.is_dir():
         raise ModelPathError(f"{path}: expected a model folder, found a file")
     if not (path / "config.json").is_file():
@@ -46,7 +46,10 @@ def check_model_folder(path: str | Path, need_weights: bool = True) -> None:
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     """The tokenizer of ``path``, checked to use OpenLLaMA's special ids (bos 1, eos 2)."""
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except OSError as err:  # hub id unreachable, or a folder transformers cannot read
+        raise ModelPathError(f"{path}: cannot load the tokenizer: {err}") from None
     found = {"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id}
     if found != {"bos": BOS_ID, "eos": EOS_ID}:
         raise ModelPathError(f"{path}: tokenizer has bos/eos ids {found}, expected bos {BOS_ID}, eos {EOS_ID}")

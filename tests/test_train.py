@@ -1,0 +1,72 @@
+"""train_sft.py end to end on CPU: ZeRO-3 on 1 rank (plain python) and 2 ranks (DeepSpeed launcher)."""
+
+import re
+import sys
+
+import pytest
+import yaml
+
+from tests.conftest import REPO, run
+
+LOSS = re.compile(r"^step (\d+)/(\d+) epoch \d+ loss ([\d.]+)", re.M)
+FAST = ["--epochs", "3", "--batch_size", "8", "--lr", "5e-3", "--warmup_steps", "1", "--dtype", "fp32"]
+
+
+def losses(stdout: str) -> list[float]:
+    return [float(m[2]) for m in LOSS.findall(stdout)]
+
+
+def assert_checkpoint(save, steps: int):
+    tag = f"global_step{steps}"
+    assert (save / "latest").read_text() == tag
+    assert (save / tag / "zero_pp_rank_0_mp_rank_00_model_states.pt").is_file()
+    for name in ["config.json", "generation_config.json", "tokenizer.model", "tokenizer_config.json",
+                 "train_config.yaml", "zero_to_fp32.py"]:
+        assert (save / name).is_file(), name
+    assert (save / "zero_to_fp32.py").read_text() == (REPO / "scripts" / "zero_to_fp32.py").read_text()
+    return yaml.safe_load((save / "train_config.yaml").read_text())
+
+
+def test_one_rank_zero3_loss_goes_down(tiny_model_dir, alpaca_file, tmp_path):
+    save = tmp_path / "out"
+    cmd = [sys.executable, "train_sft.py", "--model_path", str(tiny_model_dir), "--data_path", str(alpaca_file),
+           "--save_path", str(save), "--micro_batch_size", "4", *FAST]
+    proc = run(cmd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    curve = losses(proc.stdout)
+    assert len(curve) == 18  # 3 epochs x ceil(48 / 8)
+    assert curve[-1] < curve[0] - 1.0, curve
+    assert "1 ranks x 2 accumulation x 4 = batch 8" in proc.stdout
+    resolved = assert_checkpoint(save, 18)
+    assert resolved["lr"] == 5e-3 and resolved["micro_batch_size"] == 4
+
+
+def test_two_ranks_through_the_deepspeed_launcher(tiny_model_dir, alpaca_file, tmp_path):
+    save = tmp_path / "out"
+    cmd = ["bash", "scripts/train_sft.sh", "--num_gpus", "2", "--model_path", str(tiny_model_dir),
+           "--data_path", str(alpaca_file), "--save_path", str(save), "--gradient_checkpointing", "false", *FAST]
+    proc = run(cmd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    curve = losses(proc.stdout)
+    assert len(curve) == 18
+    assert curve[-1] < curve[0] - 1.0, curve
+    assert "2 ranks x 4 accumulation x 1 = batch 8" in proc.stdout
+    assert (save / "global_step18" / "zero_pp_rank_1_mp_rank_00_model_states.pt").is_file()
+    assert_checkpoint(save, 18)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--batch_size", "7"], "batch_size 7 is not divisible"),
+        (["--model_path", "./no_such_model"], "no_such_model: model folder not found"),
+        (["--data_path", "./no_such.json"], "no_such.json: file not found"),
+    ],
+)
+def test_bad_input_fails_before_any_model_is_built(tiny_model_dir, alpaca_file, tmp_path, args, message):
+    cmd = [sys.executable, "train_sft.py", "--model_path", str(tiny_model_dir), "--data_path", str(alpaca_file),
+           "--save_path", str(tmp_path / "out"), "--micro_batch_size", "2", *args]
+    proc = run(cmd, timeout=60)
+    assert proc.returncode == 1
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()
