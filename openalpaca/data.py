@@ -23,10 +23,14 @@ class DataError(ValueError):
     """A data problem, phrased for the user: it names the file, the record and the field."""
 
 
-def read_records(path: str | Path, fields: tuple[str, ...] = ALPACA_FIELDS) -> list[dict[str, str]]:
+def read_records(
+    path: str | Path, fields: tuple[str, ...] = ALPACA_FIELDS, optional: tuple[str, ...] = ()
+) -> list[dict[str, Any]]:
     """Read a JSON list or JSONL file of records, each an object whose ``fields`` are strings.
 
-    Errors name the file, the line (JSONL) or 1-based record number (JSON list), and the field.
+    ``optional`` fields may be missing (they read as ""), but must be strings when present.
+    Records keep their other keys. Errors name the file, the line (JSONL) or 1-based record
+    number (JSON list), and the field.
     """
     path = Path(path)
     try:
@@ -60,14 +64,16 @@ def read_records(path: str | Path, fields: tuple[str, ...] = ALPACA_FIELDS) -> l
     for where, rec in located:
         if not isinstance(rec, dict):
             raise DataError(f"{path}: {where}: expected a JSON object, got {type(rec).__name__}")
-        for name in fields:
+        for name in fields + optional:
+            if name not in rec and name in optional:
+                rec[name] = ""
             if name not in rec:
                 raise DataError(f"{path}: {where}: missing field {name!r}")
             if not isinstance(rec[name], str):
                 raise DataError(
                     f"{path}: {where}: field {name!r} must be a string, got {json.dumps(rec[name])[:40]}"
                 )
-        records.append({name: rec[name] for name in fields})
+        records.append(rec)
     return records
 
 

@@ -53,8 +53,13 @@ def alpaca_file(tmp_path) -> Path:
     return path
 
 
-def run(cmd: list[str], timeout: int = 300, **kwargs) -> subprocess.CompletedProcess:
-    """Run a repo command from the repository root, as a user would; fail with its output."""
+def clean_env() -> dict[str, str]:
+    """The environment a user's shell would give: no PYTHONPATH, CPU DeepSpeed, this Python."""
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHON": sys.executable, "PYTHONUNBUFFERED": "1"}
     env.pop("PYTHONPATH", None)
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, **kwargs)
+    return env
+
+
+def run(cmd: list[str], timeout: int = 300, **kwargs) -> subprocess.CompletedProcess:
+    """Run a repo command from the repository root, as a user would."""
+    return subprocess.run(cmd, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=timeout, **kwargs)

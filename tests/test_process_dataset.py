@@ -372,22 +372,3 @@ def test_read_dolly_raises_data_error(tmp_path):
     src = write_jsonl(tmp_path / "a.jsonl", [GOOD, {**GOOD, "response": 1.5}])
     with pytest.raises(DataError, match=r"line 2: field 'response' must be a string, got number"):
         read_dolly(src)
-
-
-# --- Hugging Face `datasets` must not be shadowed by the repo's datasets/ data folder ------
-
-
-def test_hf_datasets_not_shadowed_process_dataset():
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    result = subprocess.run(
-        [sys.executable, "-c",
-         "import process_dataset, datasets; print(datasets.__file__); "
-         "print(callable(datasets.load_dataset))"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
-    path, has_load_dataset = result.stdout.split()
-    assert "site-packages" in Path(path).parts
-    assert has_load_dataset == "True"
-    assert not (REPO / "datasets" / "__init__.py").exists()
-    assert not list((REPO / "datasets").rglob("*.py"))

@@ -1,0 +1,123 @@
+"""Ask a fine-tuned OpenAlpaca model, with exactly the prompt it was trained on.
+
+    python inference.py --instruction "What is an alpaca? How is it different from a llama?"
+    python inference.py --instruction "Summarise the text." --input "..."
+    python inference.py --interactive
+    python inference.py --input_file questions.jsonl --output_file answers.jsonl
+
+Sampling defaults are the seed's (top-k 50, top-p 0.9, 128 new tokens); ``--greedy`` decodes
+deterministically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from model.llama import TORCH_DTYPES, ModelPathError, check_model_folder, load_model, load_tokenizer
+from openalpaca.data import DataError, read_records
+from openalpaca.generate import Sampling, generate
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model_path", default="./ckpt/openalpaca", help="HF folder (or hub id) of the fine-tuned model")
+    mode = p.add_argument_group("mode (pick one)")
+    mode.add_argument("--instruction", help="one instruction to answer")
+    mode.add_argument("--interactive", action="store_true", help="a prompt loop that streams tokens; empty line exits")
+    mode.add_argument("--input_file", help="Alpaca-format JSON or JSONL (instruction, optional input)")
+    p.add_argument("--input", default="", help="optional context for --instruction")
+    p.add_argument("--output_file", help="JSONL written by --input_file mode: each record plus 'generated'")
+    p.add_argument("--batch_size", type=int, default=8, help="prompts per forward pass in --input_file mode")
+    p.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
+    p.add_argument("--max_new_tokens", type=int, default=128, help="tokens to generate at most")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    p.add_argument("--top_k", type=int, default=50, help="sample from the k most likely tokens")
+    p.add_argument("--top_p", type=float, default=0.9, help="nucleus sampling threshold")
+    p.add_argument("--seed", type=int, default=None, help="seed for sampling (reproducible answers)")
+    p.add_argument("--dtype", choices=sorted(TORCH_DTYPES), default=None,
+                   help="weights dtype (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--device", default=None, help="cuda, cpu, cuda:1 ... (default: cuda if available)")
+    args = p.parse_args(argv)
+    if sum([args.instruction is not None, args.interactive, args.input_file is not None]) != 1:
+        p.error("give exactly one of --instruction, --interactive, --input_file")
+    if args.input_file and not args.output_file:
+        p.error("--input_file needs --output_file")
+    return args
+
+
+def load(args: argparse.Namespace):
+    check_model_folder(args.model_path)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    tokenizer = load_tokenizer(args.model_path)
+    model = load_model(args.model_path, dtype).to(device)
+    return model, tokenizer
+
+
+def interactive(model, tokenizer, sampling: Sampling) -> None:
+    from transformers import TextStreamer
+
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    print("Type an instruction (empty line or Ctrl-D to quit).", flush=True)
+    while True:
+        try:
+            instruction = input("\n### Instruction: ").strip()
+        except EOFError:
+            break
+        if not instruction:
+            break
+        generate(model, tokenizer, [(instruction, "")], sampling, batch_size=1, streamer=streamer)
+
+
+def read_questions(args: argparse.Namespace) -> list[dict]:
+    """The --input_file records, checked (with the output's folder) before any model is loaded."""
+    records = read_records(args.input_file, fields=("instruction",), optional=("input",))
+    out = Path(args.output_file)
+    if not out.parent.is_dir():
+        raise DataError(f"{out}: output directory {out.parent} does not exist")
+    return records
+
+
+def answer_file(model, tokenizer, sampling: Sampling, records: list[dict], args: argparse.Namespace) -> None:
+    out = Path(args.output_file)
+    with tqdm(total=len(records), desc="generate", dynamic_ncols=True) as bar:
+        answers = generate(model, tokenizer, [(r["instruction"], r["input"]) for r in records], sampling,
+                           batch_size=args.batch_size, progress=bar.update)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        for record, answer in zip(records, answers):
+            f.write(json.dumps({**record, "generated": answer}, ensure_ascii=False) + "\n")
+    os.replace(tmp, out)
+    print(f"wrote {len(records)} answers to {out}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    sampling = Sampling(args.max_new_tokens, args.greedy, args.temperature, args.top_k, args.top_p)
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    try:
+        records = read_questions(args) if args.input_file else None
+        model, tokenizer = load(args)
+        if args.interactive:
+            interactive(model, tokenizer, sampling)
+        elif records is not None:
+            answer_file(model, tokenizer, sampling, records, args)
+        else:
+            print(generate(model, tokenizer, [(args.instruction, args.input)], sampling, batch_size=1)[0])
+    except (ModelPathError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""Generation from a trained model, with exactly the training prompt.
+
+Every prompt is ``openalpaca.prompts.prompt_ids`` (``[BOS] enc(prompt) [EOS] [BOS]``), the
+unsupervised part of a training sample. Batches are left-padded with ``PAD_ID`` and masked, so
+one forward pass serves a whole batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from openalpaca.prompts import EOS_ID, PAD_ID, Tokenizer, prompt_ids
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """The seed's settings by default: top-k 50, top-p 0.9, 128 new tokens."""
+
+    max_new_tokens: int = 128
+    greedy: bool = False
+    temperature: float = 1.0
+    top_k: int = 50
+    top_p: float = 0.9
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        if self.greedy:
+            return {"max_new_tokens": self.max_new_tokens, "do_sample": False, "num_beams": 1}
+        return {"max_new_tokens": self.max_new_tokens, "do_sample": True, "temperature": self.temperature,
+                "top_k": self.top_k, "top_p": self.top_p}
+
+
+def left_pad(batch: Sequence[Sequence[int]], pad_id: int = PAD_ID) -> tuple[torch.Tensor, torch.Tensor]:
+    """``input_ids`` and ``attention_mask`` with every row right-aligned, as generation needs.
+
+    >>> ids, mask = left_pad([[1, 5, 2, 1], [1, 2, 1]])
+    >>> ids.tolist(), mask.tolist()
+    ([[1, 5, 2, 1], [0, 1, 2, 1]], [[1, 1, 1, 1], [0, 1, 1, 1]])
+    """
+    width = max(len(ids) for ids in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, ids in enumerate(batch):
+        input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[row, width - len(ids) :] = 1
+    return input_ids, attention_mask
+
+
+def cut_at_eos(ids: Sequence[int], eos_id: int = EOS_ID) -> list[int]:
+    """The generated ids before the first EOS (the rest is padding after the row finished).
+
+    >>> cut_at_eos([7, 8, 2, 0, 0])
+    [7, 8]
+    """
+    ids = list(ids)
+    return ids[: ids.index(eos_id)] if eos_id in ids else ids
+
+
+@torch.no_grad()
+def generate(
+    model: torch.nn.Module,
+    tokenizer: Tokenizer,
+    prompts: Sequence[tuple[str, str]],
+    sampling: Sampling = Sampling(),
+    batch_size: int = 16,
+    streamer: Any = None,
+    progress: Any = None,
+) -> list[str]:
+    """One completion per ``(instruction, input)``, in order, decoded without special tokens.
+
+    Prompts are batched by similar length (less padding). ``streamer`` (a transformers
+    streamer) needs ``batch_size=1``; ``progress`` is called with the size of each finished batch.
+    """
+    ids = [prompt_ids(tokenizer, instruction, input) for instruction, input in prompts]
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    outputs = [""] * len(ids)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            input_ids, attention_mask = left_pad([ids[i] for i in chunk])
+            out = model.generate(
+                input_ids=input_ids.to(device),
+                attention_mask=attention_mask.to(device),
+                eos_token_id=EOS_ID,
+                pad_token_id=PAD_ID,
+                streamer=streamer,
+                **sampling.generate_kwargs(),
+            )
+            for row, index in enumerate(chunk):
+                new_ids = cut_at_eos(out[row, input_ids.shape[1] :].tolist())
+                outputs[index] = tokenizer.decode(new_ids, skip_special_tokens=True).strip()
+            if progress is not None:
+                progress(len(chunk))
+    finally:
+        model.train(was_training)
+    return outputs
