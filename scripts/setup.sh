@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Create ./.venv and install the pinned requirements (CPU torch 2.13.0).
+# GPU machines: set TORCH_SPEC to your CUDA build first, e.g.
+#   TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128" bash scripts/setup.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[[ -x .venv/bin/python ]] || python3 -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+# torch first and alone: an unpinned or indirect request would pull a multi-GB CUDA build.
+# shellcheck disable=SC2086
+.venv/bin/python -m pip install -q ${TORCH_SPEC:-torch==2.13.0}
+.venv/bin/python -m pip install -q -r requirements.txt
+.venv/bin/python -c "import torch, transformers, deepspeed; print('torch', torch.__version__, '| transformers', transformers.__version__, '| deepspeed', deepspeed.__version__)"
