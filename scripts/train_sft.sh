@@ -10,8 +10,8 @@
 # defaults below and config/openllama.yaml (see `python train_sft.py --help`).
 # On a machine without GPUs, --num_gpus N starts N CPU ranks (gloo).
 set -euo pipefail
-cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-python}
+source "$(dirname "${BASH_SOURCE[0]}")/python.sh"
+cd "$REPO"
 
 launcher=()
 args=(--model_path ./openllama_ckpt --data_path ./openalpaca.json --save_path ./ckpt/openalpaca)

@@ -1,0 +1,93 @@
+"""The two steps of the CPU demo that stand in for what a real run downloads or eyeballs.
+
+``base``  writes the base model: a sentencepiece tokenizer trained on the synthetic data's
+          words (one token per word) and a tiny random-init LLaMA, as an HF folder shaped
+          like ``openllama_ckpt/``.
+``eval``  scores held-out exact match with greedy decoding through ``openalpaca.generate``
+          (the inference code path, the training prompt), for the base model and the
+          fine-tuned one, and ends with ``held-out exact match: X (before training: Y)``.
+
+Everything else in ``scripts/demo.sh`` is the real pipeline, unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from model.llama import load_model, load_tokenizer
+from model.tiny import llama_config, tokenizer_vocab_size, train_tokenizer, write_tiny_llama
+from openalpaca import synthetic
+from openalpaca.generate import Sampling, generate
+
+
+def make_base(out_dir: Path, hidden_size: int, num_layers: int, num_heads: int, vocab_size: int, seed: int) -> None:
+    train_tokenizer(synthetic.corpus_texts(seed=seed), out_dir, vocab_size)
+    config = llama_config(tokenizer_vocab_size(out_dir), hidden_size, num_layers, num_heads,
+                          max_position_embeddings=512)
+    write_tiny_llama(out_dir, config, seed=seed)
+    n_params = sum(p.numel() for p in load_model(out_dir).parameters())
+    print(f"base model: {out_dir} (vocab {config.vocab_size}, hidden {hidden_size} x {num_layers} layers, "
+          f"{n_params / 1e6:.2f}M parameters)")
+
+
+def predict(model_path: Path, records: Sequence[dict], batch_size: int, max_new_tokens: int) -> list[str]:
+    torch.manual_seed(0)
+    model, tokenizer = load_model(model_path), load_tokenizer(model_path)
+    prompts = [(r["instruction"], r["context"]) for r in records]
+    return generate(model, tokenizer, prompts, Sampling(max_new_tokens=max_new_tokens, greedy=True), batch_size)
+
+
+def evaluate(base: Path, trained: Path, heldout: Path, batch_size: int, max_new_tokens: int, show: int,
+             started_at: float | None = None) -> None:
+    records = synthetic.read_jsonl(heldout)
+    before, _ = synthetic.score(records, predict(base, records, batch_size, max_new_tokens))
+    predictions = predict(trained, records, batch_size, max_new_tokens)
+    after, per_task = synthetic.score(records, predictions)
+    for record, prediction in list(zip(records, predictions))[:show]:
+        context = f" [{record['context']}]" if record["context"] else ""
+        mark = "ok " if synthetic.exact_match(prediction, record["response"]) else "BAD"
+        print(f"{mark} {record['instruction']}{context} -> {prediction!r} (expected {record['response']!r})")
+    counts = {task: sum(r["category"] == task for r in records) for task in per_task}
+    print(f"\n{'task':10s} {'n':>4s} {'exact match':>12s}")
+    for task in sorted(per_task):
+        print(f"{task:10s} {counts[task]:4d} {per_task[task]:12.2f}")
+    if started_at is not None:
+        print(f"demo wall time: {time.time() - started_at:.0f}s")
+    print(f"held-out exact match: {after:.2f} (before training: {before:.2f})")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("base", help="write the tokenizer and a random-init tiny LLaMA")
+    b.add_argument("--out_dir", type=Path, required=True, help="folder to write (like openllama_ckpt/)")
+    b.add_argument("--hidden_size", type=int, default=128, help="model width")
+    b.add_argument("--num_layers", type=int, default=4, help="decoder layers")
+    b.add_argument("--num_heads", type=int, default=4, help="attention heads")
+    b.add_argument("--vocab_size", type=int, default=1024, help="upper bound on the tokenizer's vocabulary")
+    b.add_argument("--seed", type=int, default=0, help="seed of the tokenizer corpus and the weights")
+    e = sub.add_parser("eval", help="held-out exact match before and after training")
+    e.add_argument("--base", type=Path, required=True, help="the base model folder")
+    e.add_argument("--trained", type=Path, required=True, help="the fine-tuned HF folder")
+    e.add_argument("--heldout", type=Path, required=True, help="held-out records (dolly JSONL)")
+    e.add_argument("--batch_size", type=int, default=64, help="prompts per generate call")
+    e.add_argument("--max_new_tokens", type=int, default=24, help="longest answer, in tokens")
+    e.add_argument("--show", type=int, default=8, help="sample generations to print")
+    e.add_argument("--started_at", type=float, default=None, help="unix time the demo started (prints wall time)")
+    args = parser.parse_args(argv)
+    if args.command == "base":
+        make_base(args.out_dir, args.hidden_size, args.num_layers, args.num_heads, args.vocab_size, args.seed)
+    else:
+        evaluate(args.base, args.trained, args.heldout, args.batch_size, args.max_new_tokens, args.show,
+                 args.started_at)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

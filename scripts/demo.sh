@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The CPU demo: the whole OpenAlpaca recipe teaches a tiny LLaMA to follow instructions.
+#
+#   bash scripts/demo.sh                      # ~5 minutes on 2 cores; outputs under ckpt/demo/
+#   bash scripts/demo.sh --epochs 1           # extra flags go to train_sft.py
+#
+# Same code path as the real run: dolly-format data -> process_dataset.py -> scripts/train_sft.sh
+# (DeepSpeed ZeRO-3, 2 CPU ranks, dsconfig/openllama.json with config/demo.yaml) -> the seed's
+# zero_to_fp32.py command -> scripts/make_shards.sh -> from_pretrained -> greedy answers through
+# the inference code path. Only the data (synthetic, openalpaca/synthetic.py) and the base model
+# (random-init, openalpaca/demo.py) stand in for dolly and OpenLLaMA-7B.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/python.sh"
+cd "$REPO"
+export PYTHON DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
+OUT=${DEMO_DIR:-ckpt/demo}
+N_TRAIN=${N_TRAIN:-6000}
+N_HELDOUT=${N_HELDOUT:-240}
+SAVE="$OUT/openalpaca"
+start=$SECONDS
+started_at=$(date +%s)
+stage() { echo; echo "=== [$((SECONDS - start))s] $*"; }
+
+rm -rf "$OUT" && mkdir -p "$OUT"
+stage "1/6 synthetic dolly-format data (train and held-out, disjoint by construction)"
+"$PYTHON" -m openalpaca.synthetic --out_dir "$OUT/data" --n_train "$N_TRAIN" --n_heldout "$N_HELDOUT" --seed 0
+
+stage "2/6 process_dataset.py: dolly -> Alpaca format"
+"$PYTHON" process_dataset.py --input "$OUT/data/train.jsonl" --output "$OUT/data/openalpaca.json"
+
+stage "3/6 base model: sentencepiece tokenizer (bos 1, eos 2) + random-init tiny LLaMA"
+"$PYTHON" -m openalpaca.demo base --out_dir "$OUT/base"
+
+stage "4/6 train: DeepSpeed ZeRO-3 on 2 CPU ranks"
+bash scripts/train_sft.sh --num_gpus 2 --config config/demo.yaml \
+    --model_path "$OUT/base" --data_path "$OUT/data/openalpaca.json" --save_path "$SAVE" "$@"
+
+stage "5/6 the seed's conversion: zero_to_fp32.py, then make_shards.sh"
+"$PYTHON" "$SAVE/zero_to_fp32.py" "$SAVE" "$SAVE/pytorch_model.bin"
+bash scripts/make_shards.sh "$SAVE" --max_shard_size 2MB
+
+stage "6/6 held-out exact match, greedy, through the inference code path"
+"$PYTHON" -m openalpaca.demo eval --base "$OUT/base" --trained "$SAVE" --heldout "$OUT/data/heldout.jsonl" \
+    --started_at "$started_at"
