@@ -1,0 +1,234 @@
+"""The synthetic instruction data set: determinism, split disjointness, answers, tokenization, eval."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from openalpaca import synthetic  # noqa: E402
+from openalpaca.prompts import build_prompt, encode_text  # noqa: E402
+
+DOLLY_FIELDS = {"instruction", "context", "response", "category"}
+LIST_TASKS = {"reverse", "sort", "count", "upper", "longest", "nth"}
+
+
+@pytest.fixture(scope="module")
+def train() -> list[dict[str, str]]:
+    return synthetic.make_split(1800, "train", seed=3)
+
+
+@pytest.fixture(scope="module")
+def heldout() -> list[dict[str, str]]:
+    return synthetic.make_split(270, "heldout", seed=3)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory: pytest.TempPathFactory):
+    from transformers import AutoTokenizer
+
+    from model.tiny import train_tokenizer
+
+    out = tmp_path_factory.mktemp("tok")
+    train_tokenizer(synthetic.corpus_texts(), out, vocab_size=4096)
+    return AutoTokenizer.from_pretrained(out)
+
+
+def test_deterministic_for_a_seed() -> None:
+    assert synthetic.make_split(90, "train", seed=7) == synthetic.make_split(90, "train", seed=7)
+    assert synthetic.make_split(90, "heldout", seed=7) == synthetic.make_split(90, "heldout", seed=7)
+    assert synthetic.make_split(90, "train", seed=7) != synthetic.make_split(90, "train", seed=8)
+    assert synthetic.corpus_texts(seed=1) == synthetic.corpus_texts(seed=1)
+
+
+def test_records_are_dolly_strings(train: list[dict[str, str]], heldout: list[dict[str, str]]) -> None:
+    for record in train + heldout:
+        assert set(record) == DOLLY_FIELDS
+        assert all(isinstance(v, str) for v in record.values())
+        assert record["instruction"] and record["response"]
+        assert record["category"] in synthetic.TASKS
+        assert bool(record["context"]) == (record["category"] in synthetic.CONTEXT_TASKS)
+
+
+def test_every_task_in_both_splits(train: list[dict[str, str]], heldout: list[dict[str, str]]) -> None:
+    assert {r["category"] for r in train} == set(synthetic.TASKS)
+    assert {r["category"] for r in heldout} == set(synthetic.TASKS)
+    assert len(synthetic.TASKS) >= 6
+    assert {r["category"] for r in train if not r["context"]}, "some tasks have no context"
+
+
+def test_every_phrasing_is_used(train: list[dict[str, str]]) -> None:
+    for task, templates in synthetic.PHRASINGS.items():
+        instructions = [r["instruction"] for r in train if r["category"] == task]
+        assert len(templates) >= 2
+        for template in templates:
+            assert any(synthetic.template_regex(template).match(i) for i in instructions), template
+
+
+def test_splits_disjoint_by_construction(train: list[dict[str, str]], heldout: list[dict[str, str]]) -> None:
+    assert all(synthetic.split_of(r) == "train" for r in train)
+    assert all(synthetic.split_of(r) == "heldout" for r in heldout)
+    train_keys = {synthetic.item_key(r) for r in train}
+    heldout_keys = [synthetic.item_key(r) for r in heldout]
+    assert not train_keys & set(heldout_keys)
+    assert len(set(heldout_keys)) == len(heldout), "held-out prompts are distinct questions"
+    train_pairs = {(r["instruction"], r["context"]) for r in train}
+    assert not train_pairs & {(r["instruction"], r["context"]) for r in heldout}
+
+
+def test_item_key_ignores_phrasing() -> None:
+    third = {"instruction": "What is the third word?", "context": "cat dog fox", "response": "fox", "category": "nth"}
+    number = dict(third, instruction="Copy word number 3 from the list.")
+    assert synthetic.item_key(third) == synthetic.item_key(number)
+    assert synthetic.split_of(third) == synthetic.split_of(number)
+    with pytest.raises(ValueError):
+        synthetic.item_key(dict(third, instruction="Sort the words alphabetically."))
+
+
+def test_heldout_share_of_item_space() -> None:
+    adds = [{"instruction": f"Add {a} and {b} together.", "context": "", "response": str(a + b), "category": "add"}
+            for a in range(synthetic.MAX_NUMBER + 1) for b in range(synthetic.MAX_NUMBER + 1)]
+    share = sum(synthetic.split_of(r) == "heldout" for r in adds) / len(adds)
+    assert abs(share - synthetic.HELDOUT_PERCENT / 100) < 0.08
+
+
+@pytest.mark.parametrize(
+    ("task", "context", "response"),
+    [
+        ("reverse", "ant bee cat", "cat bee ant"),
+        ("reverse", "tiger owl", "owl tiger"),
+        ("sort", "tiger ant moose", "ant moose tiger"),
+        ("sort", "cow bee camel", "bee camel cow"),
+        ("upper", "fox panda", "FOX PANDA"),
+        ("count", "fox panda owl cat", "4"),
+        ("longest", "fox panda owl", "panda"),
+    ],
+)
+def test_hand_checked_context_answers(task: str, context: str, response: str) -> None:
+    """Rebuild each answer through the generator's own logic on a fixed context."""
+    words = context.split()
+
+    class FixedRng:
+        def randint(self, lo: int, hi: int) -> int:
+            return len(words)
+
+        def sample(self, population, k: int) -> list[str]:
+            return words[:k]
+
+    _, got_context, got_response = synthetic.GENERATORS[task](FixedRng())
+    assert (got_context, got_response) == (synthetic.list_context(words), response)
+    assert synthetic.list_words(got_context) == words
+
+
+def _answer(record: dict[str, str]) -> str:
+    """An independent, obvious solver for every task, to check every generated record."""
+    task, slots = record["category"], dict(synthetic.item_key(record)[1])
+    words = synthetic.list_words(record["context"]) if task in LIST_TASKS else []
+    if task == "reverse":
+        return " ".join(words[::-1])
+    if task == "sort":
+        return " ".join(sorted(words))
+    if task == "count":
+        return str(len(words))
+    if task == "upper":
+        return " ".join(words).upper()
+    if task == "longest":
+        return max(words, key=len)
+    if task == "nth":
+        return words[int(slots["n"]) - 1]
+    if task == "add":
+        return str(int(slots["a"]) + int(slots["b"]))
+    if task == "field":
+        return dict(line.split(": ") for line in record["context"].split("\n"))[slots["key"]]
+    if task == "repeat":
+        return " ".join([slots["word"]] * int(slots["k"]))
+    raise AssertionError(task)
+
+
+def test_every_response_is_right(train: list[dict[str, str]], heldout: list[dict[str, str]]) -> None:
+    for record in train + heldout:
+        assert record["response"] == _answer(record), record
+
+
+@pytest.mark.parametrize(
+    ("instruction", "context", "task", "response"),
+    [
+        ("Add 3 and 4 together.", "", "add", "7"),
+        ("What is 15 plus 0 equal to?", "", "add", "15"),
+        ("What is the second word?", "Animals: cat dog fox", "nth", "dog"),
+        ("Copy word number 1 from the list.", "Animals: cat dog fox", "nth", "cat"),
+        ("What is the color?", "name: owl\ncolor: fox", "field", "fox"),
+        ("Say cat 3 times.", "", "repeat", "cat cat cat"),
+    ],
+)
+def test_hand_checked_slot_answers(instruction: str, context: str, task: str, response: str) -> None:
+    record = {"instruction": instruction, "context": context, "response": response, "category": task}
+    assert _answer(record) == response
+
+
+def test_longest_is_unique(train: list[dict[str, str]]) -> None:
+    for record in train:
+        if record["category"] == "longest":
+            lengths = sorted((len(w) for w in synthetic.list_words(record["context"])), reverse=True)
+            assert lengths[0] > lengths[1]
+
+
+def test_weights_shift_the_mix() -> None:
+    records = synthetic.make_split(1100, "train", seed=0, weights={"sort": 3})
+    counts = {t: sum(r["category"] == t for r in records) for t in synthetic.TASKS}
+    assert sum(counts.values()) == 1100
+    assert counts["sort"] == 300 and counts["reverse"] == 100
+
+
+def test_score_and_exact_match(heldout: list[dict[str, str]]) -> None:
+    overall, per_task = synthetic.score(heldout, [r["response"] + "\n" for r in heldout])
+    assert overall == 1.0 and set(per_task) == set(synthetic.TASKS)
+    assert all(v == 1.0 for v in per_task.values())
+    overall, per_task = synthetic.score(heldout, ["" for _ in heldout])
+    assert overall == 0.0
+    assert synthetic.exact_match(" cat dog ", "cat dog")
+    assert not synthetic.exact_match("cat", "cat dog")
+    with pytest.raises(ValueError):
+        synthetic.score(heldout, [])
+
+
+def test_every_word_is_one_token(tokenizer, train: list[dict[str, str]], heldout: list[dict[str, str]]) -> None:
+    """In the training layout, each word, number, punctuation mark and newline is one token."""
+    unit = re.compile(r"#+|\w+|[^\w\s]|\n")
+    for record in train + heldout:
+        for text in (build_prompt(record["instruction"], record["context"]), record["response"]):
+            ids = encode_text(tokenizer, text)
+            assert len(ids) == len(unit.findall(text)), tokenizer.convert_ids_to_tokens(ids)
+    for word in synthetic.vocabulary():
+        assert len(encode_text(tokenizer, word)) == 1, word
+
+
+def test_cli_writes_dolly_jsonl(tmp_path: Path) -> None:
+    synthetic.main(["--out_dir", str(tmp_path), "--n_train", "40", "--n_heldout", "20", "--seed", "5"])
+    train = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
+    heldout = synthetic.read_jsonl(tmp_path / "heldout.jsonl")
+    assert len(train) == 40 and len(heldout) == 20
+    assert train == synthetic.make_split(40, "train", seed=5)
+    assert all(set(r) == DOLLY_FIELDS for r in train + heldout)
+
+
+def test_greedy_predictions_on_tiny_model(tokenizer, heldout: list[dict[str, str]]) -> None:
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from model.tiny import llama_config
+    from openalpaca.evaluate import greedy_predictions
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(llama_config(len(tokenizer), hidden_size=32, num_layers=2))
+    records = heldout[:7]
+    predictions = greedy_predictions(model, tokenizer, records, batch_size=3, max_new_tokens=4)
+    assert len(predictions) == len(records)
+    assert all(isinstance(p, str) for p in predictions)
+    single = greedy_predictions(model, tokenizer, records[:1], batch_size=1, max_new_tokens=4)
+    assert single[0] == predictions[0], "left padding must not change a prompt's completion"
