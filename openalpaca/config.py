@@ -43,6 +43,9 @@ class TrainConfig:
     dtype: str = "bf16"
     seed: int = 0
     gradient_checkpointing: bool = True
+    # throughput (openalpaca/packing.py): same samples per step, fewer and fuller micro-batches
+    pack: bool = False  # several samples per micro-batch row, each attending only to itself
+    max_tokens_per_micro_batch: int = 0  # token budget of a packed row; 0: max_length
     # bookkeeping
     logging_steps: int = 1
     save_steps: int = 0  # 0: save only at the end
@@ -61,6 +64,16 @@ class TrainConfig:
             problems.append(f"lr must be > 0, got {self.lr}")
         if self.dtype not in DTYPES:
             problems.append(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.max_tokens_per_micro_batch < 0:
+            problems.append(f"max_tokens_per_micro_batch must be >= 0, got {self.max_tokens_per_micro_batch}")
+        elif self.max_tokens_per_micro_batch and not self.pack:
+            problems.append("max_tokens_per_micro_batch needs pack: true")
+        elif 0 < self.max_tokens_per_micro_batch < self.max_length:
+            problems.append(f"max_tokens_per_micro_batch must be 0 (max_length) or >= max_length {self.max_length} "
+                            f"so that every sample fits a row, got {self.max_tokens_per_micro_batch}")
+        if self.pack and self.micro_batch_size != 1:
+            problems.append(f"micro_batch_size must be 1 with pack: true (the token budget decides how many "
+                            f"samples a micro-batch holds), got {self.micro_batch_size}")
         if problems:
             raise ConfigError("; ".join(problems))
 
@@ -113,6 +126,8 @@ HELP = {
     "save_path": "where checkpoints, the tokenizer, configs and logs are written",
     "ds_config": "DeepSpeed JSON; its 'auto' values are filled from this config",
     "resume": "continue from the `latest` checkpoint in save_path",
+    "pack": "pack several samples into each micro-batch row (block-diagonal attention, no padding)",
+    "max_tokens_per_micro_batch": "token budget of one packed row, needs --pack true; 0: max_length",
 }
 
 
