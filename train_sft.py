@@ -7,10 +7,12 @@ the model folder is reported before any model is built.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
 import shutil
+import signal
 import socket
 import sys
 import time
@@ -35,6 +37,10 @@ from openalpaca.data import DataError, SFTDataset, micro_batches, plan_epoch, re
 from openalpaca.loss import token_ce_sum
 
 REPO = Path(__file__).resolve().parent
+# Keys that decide which samples each step sees: a resumed run must agree on them.
+DATA_ORDER_KEYS = ("seed", "batch_size", "micro_batch_size", "max_length", "epochs")
+# Test hook: "save:N" kills the whole launch (SIGKILL) halfway through writing checkpoint N.
+CRASH_ENV = "OPENALPACA_CRASH_AT"
 CONFIG_NAME = "train_config.yaml"  # the resolved config, written next to every checkpoint
 STATE_NAME = "trainer_state_rank{rank}.pt"  # per-rank RNG state inside a checkpoint tag
 TMP_PREFIX = "tmp-"  # a tag is written under this prefix and renamed once every rank is done
@@ -92,13 +98,15 @@ def all_reduce_sum(value: float | torch.Tensor, device: torch.device) -> float:
     return t.item()
 
 
-def save_checkpoint(engine, cfg: TrainConfig, step: int, epoch: int) -> str:
+def save_checkpoint(engine, cfg: TrainConfig, step: int, epoch: int, num_samples: int) -> str:
     """Write tag ``global_step{step}`` so that it becomes ``latest`` only once every rank finished it."""
     rank, save = dist.get_rank(), Path(cfg.save_path)
     tag = f"global_step{step}"
     tmp = TMP_PREFIX + tag
-    client_state = {"global_step": step, "epoch": epoch, "seed": cfg.seed, "config": cfg.to_dict()}
+    client_state = {"global_step": step, "epoch": epoch, "num_samples": num_samples, "config": cfg.to_dict()}
     engine.save_checkpoint(str(save), tag=tmp, client_state=client_state, save_latest=False)
+    if os.environ.get(CRASH_ENV) == f"save:{step}":
+        os.killpg(os.getpgid(0), signal.SIGKILL)
     rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
     torch.save(rng, save / tmp / STATE_NAME.format(rank=rank))
     dist.barrier()
@@ -125,13 +133,25 @@ def prune_checkpoints(save: Path, keep_last: int, keep: str) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def resume(engine, cfg: TrainConfig) -> int:
+def log_sample_ids(save_path: str, rank: int, step: int, ids: list[int]) -> None:
+    """Append which records this rank trained on at ``step``: proof that resuming loses none."""
+    with open(Path(save_path) / "logs" / f"samples_rank{rank}.jsonl", "a") as f:
+        f.write(json.dumps({"step": step, "ids": ids}) + "\n")
+
+
+def resume(engine, cfg: TrainConfig, num_samples: int) -> int:
     """Load ``latest`` from save_path; returns the number of optimizer steps already done."""
     latest = Path(cfg.save_path) / "latest"
     if not latest.is_file():
         return 0
     tag = latest.read_text().strip()
     _, client_state = engine.load_checkpoint(cfg.save_path, tag=tag)
+    saved = client_state["config"]
+    changed = [f"{k} {saved[k]!r} -> {getattr(cfg, k)!r}" for k in DATA_ORDER_KEYS if saved[k] != getattr(cfg, k)]
+    if client_state["num_samples"] != num_samples:
+        changed.append(f"samples {client_state['num_samples']} -> {num_samples}")
+    if changed:
+        raise TrainingError(f"cannot resume {cfg.save_path}/{tag}: the data order changed ({', '.join(changed)})")
     rng = torch.load(Path(cfg.save_path) / tag / STATE_NAME.format(rank=dist.get_rank()), weights_only=False)
     torch.set_rng_state(rng["torch"])
     random.setstate(rng["python"])
@@ -148,9 +168,9 @@ def train(cfg: TrainConfig, dataset: SFTDataset, tokenizer, ds_config: dict, tot
     engine = build_engine(cfg, ds_config)
     gas = engine.gradient_accumulation_steps()
     per_epoch = steps_per_epoch(len(dataset), cfg.batch_size)
-    step = resume(engine, cfg) if cfg.resume else 0
+    step = resume(engine, cfg, len(dataset)) if cfg.resume else 0
+    (Path(cfg.save_path) / "logs").mkdir(parents=True, exist_ok=True)
     if rank == 0:
-        Path(cfg.save_path).mkdir(parents=True, exist_ok=True)
         save_model_metadata(engine.module, tokenizer, cfg.model_path, cfg.save_path)
         (Path(cfg.save_path) / CONFIG_NAME).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         print(f"{len(dataset)} samples ({dataset.num_skipped} skipped: prompt longer than max_length, "
@@ -164,6 +184,7 @@ def train(cfg: TrainConfig, dataset: SFTDataset, tokenizer, ds_config: dict, tot
             plan = plan_epoch(len(dataset), epoch, cfg.seed, cfg.batch_size, cfg.micro_batch_size, world, rank)
             plan_for = epoch
         batches = micro_batches(dataset, plan[step_in_epoch])
+        log_sample_ids(cfg.save_path, rank, step + 1, [i for b in batches for i in b["sample_ids"]])
         # Every supervised token of the optimizer step weighs the same, whichever rank and
         # micro-batch it landed in: normalise by the step's total, not per micro-batch.
         n_tokens = all_reduce_sum(sum((b["labels"] != -100).sum() for b in batches), engine.device)
@@ -188,9 +209,9 @@ def train(cfg: TrainConfig, dataset: SFTDataset, tokenizer, ds_config: dict, tot
                 tqdm.write(f"step {step}/{total_steps} epoch {epoch} loss {loss:.4f} lr {engine.get_lr()[0]:.3e}")
         bar.update(1)
         if cfg.save_steps and step % cfg.save_steps == 0 and step < total_steps:
-            save_checkpoint(engine, cfg, step, epoch)
+            save_checkpoint(engine, cfg, step, epoch, len(dataset))
     bar.close()
-    tag = save_checkpoint(engine, cfg, step, epoch=cfg.epochs)
+    tag = save_checkpoint(engine, cfg, step, cfg.epochs, len(dataset))
     if rank == 0:
         print(f"done: {step} steps, {tokens_seen:.0f} supervised tokens in {time.time() - t0:.0f}s; "
               f"checkpoint {Path(cfg.save_path) / tag}; convert with "

@@ -54,10 +54,12 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         problems = []
-        for name in ("epochs", "max_length", "batch_size", "micro_batch_size", "logging_steps", "keep_last"):
+        # warmup_steps >= 1: DeepSpeed's WarmupDecayLR refuses 0
+        for name in ("epochs", "max_length", "batch_size", "micro_batch_size", "logging_steps", "keep_last",
+                     "warmup_steps"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "save_steps"):
+        for name in ("save_steps",):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.lr > 0:
