@@ -43,6 +43,7 @@ DATA_ORDER_KEYS = ("seed", "batch_size", "micro_batch_size", "max_length", "epoc
 CRASH_ENV = "OPENALPACA_CRASH_AT"
 CONFIG_NAME = "train_config.yaml"  # the resolved config, written next to every checkpoint
 STATE_NAME = "trainer_state_rank{rank}.pt"  # per-rank RNG state inside a checkpoint tag
+TRAINER_STATE = "trainer_state.json"  # step, data position and config of a checkpoint, readable without DeepSpeed
 TMP_PREFIX = "tmp-"  # a tag is written under this prefix and renamed once every rank is done
 
 # gloo's collectives through torch.distributed warn on every call under DeepSpeed.
@@ -63,7 +64,7 @@ def single_process_env() -> None:
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
-def prepare(cfg: TrainConfig, world_size: int) -> tuple[SFTDataset, object, dict, int]:
+def prepare(cfg: TrainConfig, world_size: int) -> tuple[SFTDataset, object, dict, int, str | None]:
     """Everything that can fail on user input, checked before DeepSpeed or a model is touched."""
     raw_ds = load_ds_config(cfg.ds_config)
     check_model_folder(cfg.model_path)
@@ -74,7 +75,8 @@ def prepare(cfg: TrainConfig, world_size: int) -> tuple[SFTDataset, object, dict
         raise DataError(f"{cfg.data_path}: none of {len(records)} records fits in max_length {cfg.max_length}")
     total_steps = cfg.epochs * steps_per_epoch(len(dataset), cfg.batch_size)
     ds_config = resolve_ds_config(raw_ds, cfg, world_size, total_steps, path=cfg.ds_config)
-    return dataset, tokenizer, ds_config, total_steps
+    resume_tag = checkpoint_to_resume(cfg, len(dataset), world_size)
+    return dataset, tokenizer, ds_config, total_steps, resume_tag
 
 
 def build_engine(cfg: TrainConfig, ds_config: dict):
@@ -103,8 +105,11 @@ def save_checkpoint(engine, cfg: TrainConfig, step: int, epoch: int, num_samples
     rank, save = dist.get_rank(), Path(cfg.save_path)
     tag = f"global_step{step}"
     tmp = TMP_PREFIX + tag
-    client_state = {"global_step": step, "epoch": epoch, "num_samples": num_samples, "config": cfg.to_dict()}
-    engine.save_checkpoint(str(save), tag=tmp, client_state=client_state, save_latest=False)
+    state = {"global_step": step, "epoch": epoch, "num_samples": num_samples, "world_size": dist.get_world_size(),
+             "config": cfg.to_dict()}
+    engine.save_checkpoint(str(save), tag=tmp, client_state=state, save_latest=False)
+    if rank == 0:
+        (save / tmp / TRAINER_STATE).write_text(json.dumps(state, indent=2))
     if os.environ.get(CRASH_ENV) == f"save:{step}":
         os.killpg(os.getpgid(0), signal.SIGKILL)
     rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
@@ -139,26 +144,34 @@ def log_sample_ids(save_path: str, rank: int, step: int, ids: list[int]) -> None
         f.write(json.dumps({"step": step, "ids": ids}) + "\n")
 
 
-def resume(engine, cfg: TrainConfig, num_samples: int) -> int:
-    """Load ``latest`` from save_path; returns the number of optimizer steps already done."""
+def checkpoint_to_resume(cfg: TrainConfig, num_samples: int, world_size: int) -> str | None:
+    """The ``latest`` tag of save_path, checked to continue this very run; None when there is none."""
     latest = Path(cfg.save_path) / "latest"
-    if not latest.is_file():
-        return 0
+    if not cfg.resume or not latest.is_file():
+        return None
     tag = latest.read_text().strip()
-    _, client_state = engine.load_checkpoint(cfg.save_path, tag=tag)
-    saved = client_state["config"]
+    state = json.loads((Path(cfg.save_path) / tag / TRAINER_STATE).read_text())
+    saved = state["config"]
     changed = [f"{k} {saved[k]!r} -> {getattr(cfg, k)!r}" for k in DATA_ORDER_KEYS if saved[k] != getattr(cfg, k)]
-    if client_state["num_samples"] != num_samples:
-        changed.append(f"samples {client_state['num_samples']} -> {num_samples}")
+    for key, now in (("num_samples", num_samples), ("world_size", world_size)):
+        if state[key] != now:
+            changed.append(f"{key} {state[key]} -> {now}")
     if changed:
-        raise TrainingError(f"cannot resume {cfg.save_path}/{tag}: the data order changed ({', '.join(changed)})")
+        raise ConfigError(f"cannot resume {cfg.save_path}/{tag}: the data order changed ({', '.join(changed)})")
+    return tag
+
+
+def resume(engine, cfg: TrainConfig, tag: str) -> int:
+    """Load checkpoint ``tag``; returns the number of optimizer steps already done."""
+    _, client_state = engine.load_checkpoint(cfg.save_path, tag=tag)
     rng = torch.load(Path(cfg.save_path) / tag / STATE_NAME.format(rank=dist.get_rank()), weights_only=False)
     torch.set_rng_state(rng["torch"])
     random.setstate(rng["python"])
     return client_state["global_step"]
 
 
-def train(cfg: TrainConfig, dataset: SFTDataset, tokenizer, ds_config: dict, total_steps: int) -> None:
+def train(cfg: TrainConfig, dataset: SFTDataset, tokenizer, ds_config: dict, total_steps: int,
+          resume_tag: str | None) -> None:
     import deepspeed
 
     deepspeed.init_distributed()
@@ -168,7 +181,7 @@ def train(cfg: TrainConfig, dataset: SFTDataset, tokenizer, ds_config: dict, tot
     engine = build_engine(cfg, ds_config)
     gas = engine.gradient_accumulation_steps()
     per_epoch = steps_per_epoch(len(dataset), cfg.batch_size)
-    step = resume(engine, cfg, len(dataset)) if cfg.resume else 0
+    step = resume(engine, cfg, resume_tag) if resume_tag else 0
     (Path(cfg.save_path) / "logs").mkdir(parents=True, exist_ok=True)
     if rank == 0:
         save_model_metadata(engine.module, tokenizer, cfg.model_path, cfg.save_path)
@@ -222,13 +235,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(argv)
         single_process_env()
-        dataset, tokenizer, ds_config, total_steps = prepare(cfg, int(os.environ["WORLD_SIZE"]))
+        dataset, tokenizer, ds_config, total_steps, resume_tag = prepare(cfg, int(os.environ["WORLD_SIZE"]))
     except (ConfigError, DataError, ModelPathError) as err:
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {err}", file=sys.stderr)
         return 1
     try:
-        train(cfg, dataset, tokenizer, ds_config, total_steps)
+        train(cfg, dataset, tokenizer, ds_config, total_steps, resume_tag)
     except TrainingError as err:
         print(f"error (rank {os.environ['RANK']}): {err}", file=sys.stderr)
         return 1
