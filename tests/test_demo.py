@@ -1,0 +1,38 @@
+"""A reduced CPU demo, end to end: every stage's outputs, not the accuracy (that is the demo's job)."""
+
+import json
+import re
+
+from openalpaca import synthetic
+from tests.conftest import run
+
+
+def test_reduced_demo_runs_every_stage(tmp_path):
+    out = tmp_path / "demo"
+    proc = run(["bash", "-c", f"DEMO_DIR={out} N_TRAIN=64 N_HELDOUT=18 bash scripts/demo.sh --epochs 1"], timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+
+    # 1-2: synthetic dolly data, then process_dataset.py's Alpaca file
+    train, heldout = synthetic.read_jsonl(out / "data/train.jsonl"), synthetic.read_jsonl(out / "data/heldout.jsonl")
+    assert (len(train), len(heldout)) == (64, 18)
+    assert {synthetic.split_of(r) for r in train} == {"train"} and {synthetic.split_of(r) for r in heldout} == {"heldout"}
+    alpaca = json.loads((out / "data/openalpaca.json").read_text())
+    assert alpaca[0] == {"instruction": train[0]["instruction"], "input": train[0]["context"], "output": train[0]["response"]}
+    assert any(line.startswith("read 64 records") for line in lines)
+    # 3: the base model folder is shaped like openllama_ckpt/
+    for name in ["config.json", "tokenizer.model", "tokenizer_config.json", "model.safetensors"]:
+        assert (out / "base" / name).is_file(), name
+    # 4: ZeRO-3 on 2 ranks
+    assert "64 samples (0 skipped" in proc.stdout and "2 ranks x 1 accumulation x 16 = batch 32" in proc.stdout
+    save = out / "openalpaca"
+    assert (save / "latest").read_text() == "global_step2"
+    # 5: the seed's conversion and shards (the consolidated file is replaced by shards + index)
+    index = json.loads((save / "pytorch_model.bin.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) >= 2 and all(re.fullmatch(r"pytorch_model-\d{5}-of-\d{5}\.bin", s) for s in shards)
+    assert not (save / "pytorch_model.bin").exists()
+    # 6: the score, in the exact format, last
+    assert re.fullmatch(r"held-out exact match: \d\.\d\d \(before training: \d\.\d\d\)", lines[-1]), lines[-1]
+    for task in synthetic.TASKS:
+        assert any(re.fullmatch(rf"{task}\s+\d+\s+\d\.\d\d", line) for line in lines), task
