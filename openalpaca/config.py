@@ -46,6 +46,10 @@ class TrainConfig:
     # throughput (openalpaca/packing.py): same samples per step, fewer and fuller micro-batches
     pack: bool = False  # several samples per micro-batch row, each attending only to itself
     max_tokens_per_micro_batch: int = 0  # token budget of a packed row; 0: max_length
+    # evaluation: a held-out split of data_path, or a file of its own
+    eval_ratio: float = 0.0  # share of data_path held out for eval loss (seeded)
+    eval_data_path: str = ""  # Alpaca-format eval file; wins over eval_ratio
+    eval_steps: int = 0  # eval loss every N optimizer steps; 0: at the end only
     # bookkeeping
     logging_steps: int = 1
     save_steps: int = 0  # 0: save only at the end
@@ -59,9 +63,11 @@ class TrainConfig:
                      "warmup_steps"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("save_steps",):
+        for name in ("save_steps", "eval_steps"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.eval_ratio < 1:
+            problems.append(f"eval_ratio must be in [0, 1), got {self.eval_ratio}")
         if not self.lr > 0:
             problems.append(f"lr must be > 0, got {self.lr}")
         if self.dtype not in DTYPES:
