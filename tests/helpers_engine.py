@@ -9,15 +9,14 @@ DeepSpeed's process group is global to a process, so callers run this module as 
 ``build_engine`` inside pytest: other test files initialise DeepSpeed with other settings, and a
 child also hands its memory back when it exits. ``make_trained_checkpoint`` does the launching.
 
-The child writes ``{save_path}/../engine_logits.pt``-style output (path given by ``--logits``): the
-engine's logits on a fixed input, computed by the ZeRO-3 engine itself (its forward gathers the
-partitioned parameters), which is the reference every export is compared against.
+With ``--logits FILE`` the child also saves the engine's logits on a fixed input, computed by the
+ZeRO-3 engine itself (its forward gathers the partitioned parameters): the reference every export
+is compared against.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import socket
@@ -102,7 +101,11 @@ def build_engine(model_dir: str | Path, config: dict[str, Any], from_config: boo
 
 
 def copy_trainer_files(model_dir: str | Path, save_path: str | Path, dtype: str) -> None:
-    """Put beside the rank files what the trainer puts there: config, tokenizer, train config, converter."""
+    """Put beside the rank files what the trainer puts there: config, tokenizer, train config, converter.
+
+    Called after ``save_checkpoint``, which copies DeepSpeed's own ``zero_to_fp32.py`` into the
+    save path on every save; ours must land on top of it.
+    """
     model_dir, save_path = Path(model_dir), Path(save_path)
     for name in (*MODEL_FILES, *TOKENIZER_FILES):
         if (model_dir / name).is_file():
@@ -138,10 +141,11 @@ def train_and_save(
         loss = engine(input_ids=ids, labels=ids).loss
         engine.backward(loss)
         engine.step()
-    engine.eval()
-    probe = torch.randint(3, vocab, (2, seq_len), generator=torch.Generator().manual_seed(seed + 1000))
-    with torch.no_grad():
-        logits = engine(input_ids=probe).logits.float()
+    if logits_path is not None:
+        engine.eval()
+        probe = torch.randint(3, vocab, (2, seq_len), generator=torch.Generator().manual_seed(seed + 1000))
+        with torch.no_grad():
+            logits = engine(input_ids=probe).logits.float()
     engine.save_checkpoint(str(save_path))
     dist.barrier()
     if rank == 0:
@@ -150,40 +154,74 @@ def train_and_save(
             torch.save({"input_ids": probe, "logits": logits}, str(logits_path))
 
 
+Job = tuple[str | Path, str | Path, str | Path | None]  # (model_dir, save_path, logits_path or None)
+
+
 def make_trained_checkpoint(
-    model_dir: str | Path,
-    save_path: str | Path,
-    logits_path: str | Path,
+    model_dir: str | Path, save_path: str | Path, logits_path: str | Path | None, **options: Any
+) -> None:
+    """One checkpoint; see ``make_trained_checkpoints`` for the options."""
+    make_trained_checkpoints([(model_dir, save_path, logits_path)], **options)
+
+
+def make_trained_checkpoints(
+    jobs: list[Job],
     steps: int = 3,
     dtype: str = "fp32",
-    timeout: float = 300,
+    nproc: int = 1,
+    from_config: bool = False,
+    seq_len: int = 16,
+    timeout: float | None = 300,
 ) -> None:
-    """Run ``train_and_save`` in a one-rank child process (see the module docstring for why)."""
-    cmd = [
-        sys.executable,
-        str(Path(__file__).resolve()),
-        "--model_dir",
-        str(Path(model_dir).resolve()),
-        "--save_path",
-        str(Path(save_path).resolve()),
-        "--logits",
-        str(Path(logits_path).resolve()),
-        "--steps",
-        str(steps),
-        "--dtype",
-        dtype,
-    ]
-    done = subprocess.run(cmd, env=single_process_env(), cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    """Run ``train_and_save`` for each job, one after the other, in ONE child process group.
+
+    One child for several checkpoints saves an interpreter start and a process-group setup per
+    extra checkpoint (most of the cost for tiny models). ``nproc`` > 1 runs the child as that
+    many ranks under torchrun: every weight is then split into per-rank slices (padded when its
+    size does not divide evenly), the layout a multi-GPU training run leaves.
+    """
+    script_args = [str(Path(__file__).resolve())]
+    for model_dir, save_path, logits_path in jobs:
+        script_args += ["--model_dir", str(Path(model_dir).resolve()), "--save_path", str(Path(save_path).resolve())]
+        script_args += ["--logits", str(Path(logits_path).resolve()) if logits_path is not None else ""]
+    script_args += ["--steps", str(steps), "--dtype", dtype, "--seq_len", str(seq_len)]
+    if from_config:
+        script_args.append("--from_config")
+    if nproc == 1:
+        cmd, env = [sys.executable, *script_args], single_process_env()
+    else:
+        torchrun = str(Path(sys.executable).parent / "torchrun")
+        cmd = [torchrun, "--standalone", "--nproc_per_node", str(nproc), *script_args]
+        launcher_sets = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+        env = {k: v for k, v in single_process_env().items() if k not in launcher_sets}
+    done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
     if done.returncode != 0:
         raise RuntimeError(f"engine child failed ({done.returncode}):\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model_dir", required=True, help="HF LLaMA folder (config.json, tokenizer, weights)")
-    parser.add_argument("--save_path", required=True, help="where engine.save_checkpoint writes, as the trainer's --save_path")
-    parser.add_argument("--logits", default=None, help="file for the engine's probe input ids and logits (rank 0)")
-    parser.add_argument("--steps", type=int, default=3, help="training steps before saving, so weights differ from init")
+    parser.add_argument(
+        "--model_dir",
+        action="append",
+        required=True,
+        help="HF LLaMA folder (config.json, tokenizer, weights); repeat with --save_path/--logits for more checkpoints",
+    )
+    parser.add_argument(
+        "--save_path",
+        action="append",
+        required=True,
+        help="where engine.save_checkpoint writes, as the trainer's --save_path (one per --model_dir)",
+    )
+    parser.add_argument(
+        "--logits",
+        action="append",
+        default=None,
+        help="file for the engine's probe input ids and logits, written by rank 0; '' for none (one per --model_dir)",
+    )
+    parser.add_argument(
+        "--steps", type=int, default=3, help="training steps before saving, so weights differ from init"
+    )
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="training dtype (fp16 fails on CPU)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random training ids and of the probe input")
     parser.add_argument(
@@ -191,22 +229,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--seq_len", type=int, default=16, help="tokens per training sample and probe row")
     parser.add_argument("--local_rank", type=int, default=0, help="set by the deepspeed launcher; unused")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.logits = args.logits or [""] * len(args.model_dir)
+    if not len(args.model_dir) == len(args.save_path) == len(args.logits):
+        parser.error("give --save_path (and --logits, if any) once per --model_dir")
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    Path(args.save_path).mkdir(parents=True, exist_ok=True)
-    train_and_save(
-        args.model_dir,
-        args.save_path,
-        args.logits,
-        steps=args.steps,
-        dtype=args.dtype,
-        seed=args.seed,
-        from_config=args.from_config,
-        seq_len=args.seq_len,
-    )
+    for model_dir, save_path, logits in zip(args.model_dir, args.save_path, args.logits):
+        Path(save_path).mkdir(parents=True, exist_ok=True)
+        train_and_save(
+            model_dir,
+            save_path,
+            logits or None,
+            steps=args.steps,
+            dtype=args.dtype,
+            seed=args.seed,
+            from_config=args.from_config,
+            seq_len=args.seq_len,
+        )
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
 """From a real ZeRO-3 checkpoint to a loadable HF folder: the seed's route and ``export_hf.sh``.
 
-One tiny LLaMA is trained 3 steps by a real one-rank ZeRO-3 engine, once per module, in a child
-process (``tests/helpers_engine.py``): DeepSpeed's process group is global to a process, and
-other test files initialise DeepSpeed with other settings. The child records the engine's own
-logits on a fixed input; every exported folder must reproduce them.
+A tiny LLaMA (and a tied-embeddings twin) is trained 3 steps by a real one-rank ZeRO-3 engine,
+once per module, in a child process (``tests/helpers_engine.py``): DeepSpeed's process group is
+global to a process, and other test files initialise DeepSpeed with other settings. The child
+records the engine's own logits on a fixed input; every exported folder must reproduce them.
 
 Tolerances. fp32 exports are the engine's fp32 master weights bit for bit, so logits match to
 1e-5 (float noise of the reference forward). A bf16/fp16 export is those weights rounded to
@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -59,15 +60,38 @@ def copy_save(src: Path, dst: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """A trained ZeRO-3 checkpoint laid out as the trainer writes it, and the engine's logits."""
+def ckpts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
+    """Two trained ZeRO-3 checkpoints laid out as the trainer writes them, and the engines' logits.
+
+    "untied" is the OpenLLaMA layout; "tied" shares input and output embeddings, which DeepSpeed
+    lists under two names. Both come from one child process (one start-up for both).
+    """
     root = tmp_path_factory.mktemp("export")
     base = make_tiny_checkpoint(root / "base", TEXTS, vocab_size=320, seed=0, **SHAPE)
-    save = root / "save"
-    helpers_engine.make_trained_checkpoint(base, save, root / "engine_logits.pt", steps=3)
-    ref = torch.load(root / "engine_logits.pt")
-    init = {k: v.clone() for k, v in load(base).state_dict().items()}
-    return {"root": root, "base": base, "save": save, "input_ids": ref["input_ids"], "logits": ref["logits"], "init": init}
+    base_tied = root / "base_tied"
+    shutil.copytree(base, base_tied)
+    config = llama_config(tokenizer_vocab_size(base), **SHAPE)
+    config.tie_word_embeddings = True
+    write_tiny_llama(base_tied, config, seed=0)
+    bases = {"untied": base, "tied": base_tied}
+    jobs = [(path, root / f"save_{name}", root / f"{name}_logits.pt") for name, path in bases.items()]
+    helpers_engine.make_trained_checkpoints(jobs, steps=3)
+    found = {}
+    for name, (model_dir, save, logits) in zip(bases, jobs):
+        ref = torch.load(logits)
+        found[name] = {"base": model_dir, "save": save, "input_ids": ref["input_ids"], "logits": ref["logits"]}
+    found["untied"]["init"] = {k: v.clone() for k, v in load(base).state_dict().items()}
+    return found
+
+
+@pytest.fixture(scope="module")
+def ckpt(ckpts: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    return ckpts["untied"]
+
+
+@pytest.fixture(scope="module")
+def tied_ckpt(ckpts: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    return ckpts["tied"]
 
 
 def load(path: Path, dtype: torch.dtype | None = torch.float32) -> torch.nn.Module:
@@ -143,7 +167,8 @@ def test_seed_command_then_make_shards(ckpt: dict[str, Any], tmp_path: Path) -> 
     assert not consolidated.exists(), "the consolidated file must go once the shards are written"
     weight_map = check_index(save, "pytorch_model.bin.index.json")
     shards = sorted(set(weight_map.values()))
-    assert len(shards) >= 2 and all(s.startswith("pytorch_model-0000") and s.endswith(f"-of-{len(shards):05d}.bin") for s in shards)
+    assert len(shards) >= 2
+    assert all(re.fullmatch(rf"pytorch_model-\d{{5}}-of-{len(shards):05d}\.bin", s) for s in shards), shards
     torch.testing.assert_close(logits_of(load(save), ckpt["input_ids"]), ckpt["logits"], atol=1e-5, rtol=0)
     check_tokenizer(save)
 
@@ -154,7 +179,8 @@ def test_make_shards_to_other_dir_keeps_source(ckpt: dict[str, Any], tmp_path: P
     zero_to_fp32 = load_script(save / "zero_to_fp32.py")
     zero_to_fp32.main([str(save), str(save / "pytorch_model.bin")])
     out = tmp_path / "sharded"
-    run([str(REPO / "scripts" / "make_shards.sh"), "save", "--out_dir", "sharded", "--max_shard_size", "1GB"], cwd=tmp_path)
+    make_shards = str(REPO / "scripts" / "make_shards.sh")
+    run([make_shards, "save", "--out_dir", "sharded", "--max_shard_size", "1GB"], cwd=tmp_path)
     assert (save / "pytorch_model.bin").is_file()
     assert check_index(out, "pytorch_model.bin.index.json") and (out / "pytorch_model-00001-of-00001.bin").is_file()
     assert all((out / name).is_file() for name in ("config.json", *SIDE_FILES))
@@ -192,7 +218,8 @@ def export_seed_file(ckpt: dict[str, Any], tmp_path: Path) -> Path:
 def test_deepspeeds_zero_to_torch_still_runs(ckpt: dict[str, Any], tmp_path: Path) -> None:
     """DeepSpeed's zero_to_torch.py in the save path imports our zero_to_fp32.py by file name."""
     save = ckpt["save"]
-    run([sys.executable, str(save / "zero_to_torch.py"), str(save), str(tmp_path / "t"), "--dtype", "bf16"], cwd=tmp_path)
+    cmd = [sys.executable, str(save / "zero_to_torch.py"), str(save), str(tmp_path / "t"), "--dtype", "bf16"]
+    run(cmd, cwd=tmp_path)
     state = torch.load(tmp_path / "t" / "pytorch_model.bin", weights_only=True)
     assert all(t.dtype == torch.bfloat16 for t in state.values())
 
@@ -257,6 +284,40 @@ def test_export_hf_sh_defaults_from_any_cwd(ckpt: dict[str, Any], tmp_path: Path
     assert load(out, dtype=None).dtype == torch.bfloat16
 
 
+def test_padded_multi_rank_slices(tmp_path: Path) -> None:
+    """Weights split over 3 ranks with padding (sizes not divisible by 3), as DeepSpeed lays them out.
+
+    Built directly with DeepSpeed's ``GatheredTensor`` (a 3-rank engine costs ~30 s here; one was
+    run by hand and exported bit for bit). The gathered tensor is a view into the padded
+    concatenation: the safetensors writer must copy only the view, ``.bin`` must not store the
+    padding.
+    """
+    from deepspeed.utils.zero_to_fp32 import GatheredTensor
+    from safetensors.torch import load_file
+
+    world, shapes = 3, {"a.weight": (5, 7), "b.weight": (4,), "c.weight": (3, 3)}
+    full = {name: torch.randn(shape) for name, shape in shapes.items()}
+    per_rank: list[list[torch.Tensor]] = [[] for _ in range(world)]
+    layout, offset = {}, 0
+    for name, tensor in full.items():
+        part = -(-tensor.numel() // world)
+        padded = torch.cat([tensor.reshape(-1), torch.full((part * world - tensor.numel(),), float("nan"))])
+        for rank in range(world):
+            per_rank[rank].append(padded[rank * part : (rank + 1) * part])
+        layout[name] = (offset, part, torch.Size(tensor.shape))
+        offset += part
+    flat_groups = [[torch.cat(chunks)] for chunks in per_rank]
+    lazy = {n: GatheredTensor(flat_groups, [0, offset], o, p, shape) for n, (o, p, shape) in layout.items()}
+
+    export_mod.write_safetensors_streaming(tmp_path / "x.safetensors", list(lazy.items()), torch.float32, {})
+    assert all(torch.equal(v, full[k]) for k, v in load_file(str(tmp_path / "x.safetensors")).items())
+    for dtype in (torch.float32, torch.bfloat16):
+        export_mod.write_bin_shard(tmp_path / "x.bin", list(lazy.items()), dtype)
+        for name, tensor in torch.load(tmp_path / "x.bin", weights_only=True).items():
+            assert torch.equal(tensor, full[name].to(dtype))
+            assert tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size(), name
+
+
 def test_training_dtype_lookup(tmp_path: Path) -> None:
     assert export_mod.training_dtype(tmp_path) == "fp32"
     (tmp_path / "train_config.yaml").write_text("epochs: 2\n")
@@ -303,26 +364,12 @@ def test_tag_selects_checkpoint_and_bad_tag_is_named(ckpt: dict[str, Any], tmp_p
     assert not (tmp_path / "b").exists()
 
 
-@pytest.fixture(scope="module")
-def tied_ckpt(ckpt: dict[str, Any]) -> dict[str, Any]:
-    """The same tiny model with tied input/output embeddings, trained and saved by its own engine."""
-    root = ckpt["root"]
-    base = root / "base_tied"
-    shutil.copytree(ckpt["base"], base)
-    config = llama_config(tokenizer_vocab_size(base), **SHAPE)
-    config.tie_word_embeddings = True
-    write_tiny_llama(base, config, seed=0)
-    save = root / "save_tied"
-    helpers_engine.make_trained_checkpoint(base, save, root / "tied_logits.pt", steps=3)
-    ref = torch.load(root / "tied_logits.pt")
-    return {"save": save, "input_ids": ref["input_ids"], "logits": ref["logits"]}
-
-
 @pytest.mark.parametrize("fmt", ["safetensors", "bin"])
 def test_tied_embeddings_named_once(tied_ckpt: dict[str, Any], tmp_path: Path, fmt: str) -> None:
     """DeepSpeed lists a tied weight under both names; the index must name it once and still load."""
     out = tmp_path / "hf"
-    assert export_mod.main([str(tied_ckpt["save"]), str(out), "--dtype", "fp32", f"--{fmt}"]) == 0
+    argv = [str(tied_ckpt["save"]), str(out), "--dtype", "fp32", f"--{fmt}", "--max_shard_size", SMALL_SHARD]
+    assert export_mod.main(argv) == 0
     weight_map = check_index(out, export_mod.INDEX_NAMES[fmt])
     assert "model.embed_tokens.weight" in weight_map and "lm_head.weight" not in weight_map
     model = load(out)
