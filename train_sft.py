@@ -17,6 +17,7 @@ import socket
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -33,8 +34,10 @@ from openalpaca.config import (
     resolve_ds_config,
     steps_per_epoch,
 )
-from openalpaca.data import DataError, SFTDataset, micro_batches, plan_epoch, read_records
+from openalpaca.data import DataError, SFTDataset, micro_batches, plan_epoch, read_records, split_records
 from openalpaca.loss import token_ce_sum
+from openalpaca.metrics import MetricsLogger, plot_losses
+from openalpaca.prompts import IGNORE_INDEX
 
 REPO = Path(__file__).resolve().parent
 # Keys that decide which samples each step sees: a resumed run must agree on them.
@@ -64,19 +67,33 @@ def single_process_env() -> None:
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
-def prepare(cfg: TrainConfig, world_size: int) -> tuple[SFTDataset, object, dict, int, str | None]:
+@dataclass
+class Prepared:
+    train_set: SFTDataset
+    eval_set: SFTDataset | None
+    tokenizer: object
+    ds_config: dict
+    total_steps: int
+    resume_tag: str | None
+
+
+def prepare(cfg: TrainConfig, world_size: int) -> Prepared:
     """Everything that can fail on user input, checked before DeepSpeed or a model is touched."""
     raw_ds = load_ds_config(cfg.ds_config)
     check_model_folder(cfg.model_path)
     records = read_records(cfg.data_path)
+    eval_records = read_records(cfg.eval_data_path) if cfg.eval_data_path else []
+    if not cfg.eval_data_path and cfg.eval_ratio > 0:
+        records, eval_records = split_records(records, cfg.eval_ratio, cfg.seed)
     tokenizer = load_tokenizer(cfg.model_path)
     dataset = SFTDataset.from_records(records, tokenizer, cfg.max_length)
     if len(dataset) == 0:
         raise DataError(f"{cfg.data_path}: none of {len(records)} records fits in max_length {cfg.max_length}")
+    eval_set = SFTDataset.from_records(eval_records, tokenizer, cfg.max_length) if eval_records else None
     total_steps = cfg.epochs * steps_per_epoch(len(dataset), cfg.batch_size)
     ds_config = resolve_ds_config(raw_ds, cfg, world_size, total_steps, path=cfg.ds_config)
     resume_tag = checkpoint_to_resume(cfg, len(dataset), world_size)
-    return dataset, tokenizer, ds_config, total_steps, resume_tag
+    return Prepared(dataset, eval_set, tokenizer, ds_config, total_steps, resume_tag)
 
 
 def build_engine(cfg: TrainConfig, ds_config: dict):
@@ -170,27 +187,64 @@ def resume(engine, cfg: TrainConfig, tag: str) -> int:
     return client_state["global_step"]
 
 
-def train(cfg: TrainConfig, dataset: SFTDataset, tokenizer, ds_config: dict, total_steps: int,
-          resume_tag: str | None) -> None:
+def train_step(engine, batches: list[dict], world: int) -> tuple[float, float]:
+    """One optimizer step over this rank's micro-batches; returns (mean token loss, supervised tokens)."""
+    gas = engine.gradient_accumulation_steps()
+    # Every supervised token of the optimizer step weighs the same, whichever rank and
+    # micro-batch it landed in: normalise by the step's total, not per micro-batch.
+    n_tokens = all_reduce_sum(sum((b["labels"] != IGNORE_INDEX).sum() for b in batches), engine.device)
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    for batch in batches:
+        logits = engine(input_ids=batch["input_ids"].to(engine.device),
+                        attention_mask=batch["attention_mask"].to(engine.device)).logits
+        ce = token_ce_sum(logits, batch["labels"].to(engine.device))
+        # DeepSpeed divides by gas and averages over ranks; undo both so the gradient is sum / n_tokens.
+        engine.backward(ce * (gas * world / n_tokens))
+        engine.step()
+        loss_sum += ce.detach().double().cpu()
+    return all_reduce_sum(loss_sum, engine.device) / n_tokens, n_tokens
+
+
+@torch.no_grad()
+def eval_loss(engine, eval_set: SFTDataset, cfg: TrainConfig, world: int, rank: int) -> float:
+    """Mean token loss over the whole eval set; every rank runs the same number of forwards (ZeRO-3 gathers)."""
+    per_pass = cfg.micro_batch_size * world
+    everything = -(-len(eval_set) // per_pass) * per_pass
+    plan = plan_epoch(len(eval_set), 0, cfg.seed, everything, cfg.micro_batch_size, world, rank)[0]
+    engine.eval()
+    ce, n = torch.zeros((), dtype=torch.float64), 0
+    for batch in micro_batches(eval_set, plan):
+        logits = engine(input_ids=batch["input_ids"].to(engine.device),
+                        attention_mask=batch["attention_mask"].to(engine.device)).logits
+        ce += token_ce_sum(logits, batch["labels"].to(engine.device)).double().cpu()
+        n += (batch["labels"] != IGNORE_INDEX).sum().item()
+    engine.train()
+    return all_reduce_sum(ce, engine.device) / all_reduce_sum(n, engine.device)
+
+
+def train(cfg: TrainConfig, data: Prepared) -> None:
     import deepspeed
 
     deepspeed.init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    engine = build_engine(cfg, ds_config)
-    gas = engine.gradient_accumulation_steps()
+    engine = build_engine(cfg, data.ds_config)
+    dataset, save, total_steps = data.train_set, Path(cfg.save_path), data.total_steps
     per_epoch = steps_per_epoch(len(dataset), cfg.batch_size)
-    step = resume(engine, cfg, resume_tag) if resume_tag else 0
-    (Path(cfg.save_path) / "logs").mkdir(parents=True, exist_ok=True)
+    step = resume(engine, cfg, data.resume_tag) if data.resume_tag else 0
+    (save / "logs").mkdir(parents=True, exist_ok=True)
+    metrics = MetricsLogger(save / "logs", enabled=rank == 0)
     if rank == 0:
-        save_model_metadata(engine.module, tokenizer, cfg.model_path, cfg.save_path)
-        (Path(cfg.save_path) / CONFIG_NAME).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        save_model_metadata(engine.module, data.tokenizer, cfg.model_path, save)
+        (save / CONFIG_NAME).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         print(f"{len(dataset)} samples ({dataset.num_skipped} skipped: prompt longer than max_length, "
-              f"{dataset.num_truncated} truncated), {world} ranks x {gas} accumulation x "
-              f"{cfg.micro_batch_size} = batch {cfg.batch_size}; {total_steps} steps, starting at {step}")
+              f"{dataset.num_truncated} truncated), {len(data.eval_set or [])} eval samples; {world} ranks x "
+              f"{engine.gradient_accumulation_steps()} accumulation x {cfg.micro_batch_size} = batch "
+              f"{cfg.batch_size}; {total_steps} steps, starting at {step}")
     bar = tqdm(total=total_steps, initial=step, disable=rank != 0, desc="train", dynamic_ncols=True)
     plan, plan_for, tokens_seen, t0 = None, None, 0, time.time()
+    loss = last_eval = float("nan")
     while step < total_steps:
         epoch, step_in_epoch = divmod(step, per_epoch)
         if plan_for != epoch:
@@ -198,50 +252,48 @@ def train(cfg: TrainConfig, dataset: SFTDataset, tokenizer, ds_config: dict, tot
             plan_for = epoch
         batches = micro_batches(dataset, plan[step_in_epoch])
         log_sample_ids(cfg.save_path, rank, step + 1, [i for b in batches for i in b["sample_ids"]])
-        # Every supervised token of the optimizer step weighs the same, whichever rank and
-        # micro-batch it landed in: normalise by the step's total, not per micro-batch.
-        n_tokens = all_reduce_sum(sum((b["labels"] != -100).sum() for b in batches), engine.device)
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        for batch in batches:
-            logits = engine(input_ids=batch["input_ids"].to(engine.device),
-                            attention_mask=batch["attention_mask"].to(engine.device)).logits
-            ce = token_ce_sum(logits, batch["labels"].to(engine.device))
-            # DeepSpeed divides by gas and averages over ranks; undo both so the gradient is sum / n_tokens.
-            engine.backward(ce * (gas * world / n_tokens))
-            engine.step()
-            loss_sum += ce.detach().double().cpu()
+        loss, n_tokens = train_step(engine, batches, world)
         step += 1
-        loss = all_reduce_sum(loss_sum, engine.device) / n_tokens
         tokens_seen += n_tokens
         if not math.isfinite(loss):
             raise TrainingError(f"non-finite loss {loss} at step {step}; stopping, the last good checkpoint is kept")
+        lr, tok_s = engine.get_lr()[0], tokens_seen / (time.time() - t0)
+        metrics.log(step, "train", loss=loss, lr=lr, grad_norm=float(engine.get_global_grad_norm() or 0.0),
+                    tokens_per_s=tok_s, supervised_tokens=n_tokens)
         if step % cfg.logging_steps == 0 or step == total_steps:
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{engine.get_lr()[0]:.2e}",
-                            tok_s=f"{tokens_seen / (time.time() - t0):.0f}")
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
             if rank == 0:
-                tqdm.write(f"step {step}/{total_steps} epoch {epoch} loss {loss:.4f} lr {engine.get_lr()[0]:.3e}")
+                tqdm.write(f"step {step}/{total_steps} epoch {epoch} loss {loss:.4f} lr {lr:.3e}")
+        if data.eval_set and (step == total_steps or cfg.eval_steps and step % cfg.eval_steps == 0):
+            last_eval = eval_loss(engine, data.eval_set, cfg, world, rank)
+            metrics.log(step, "eval", loss=last_eval)
+            if rank == 0:
+                tqdm.write(f"step {step}/{total_steps} eval loss {last_eval:.4f}")
         bar.update(1)
         if cfg.save_steps and step % cfg.save_steps == 0 and step < total_steps:
             save_checkpoint(engine, cfg, step, epoch, len(dataset))
     bar.close()
     tag = save_checkpoint(engine, cfg, step, cfg.epochs, len(dataset))
+    metrics.close()
     if rank == 0:
-        print(f"done: {step} steps, {tokens_seen:.0f} supervised tokens in {time.time() - t0:.0f}s; "
-              f"checkpoint {Path(cfg.save_path) / tag}; convert with "
-              f"python {cfg.save_path}/zero_to_fp32.py {cfg.save_path} {cfg.save_path}/pytorch_model.bin")
+        plot = plot_losses(save / "logs", save / "loss.png")
+        print(f"done: {step} steps, {step * cfg.batch_size} sample slots, {tokens_seen:.0f} supervised tokens this "
+              f"run in {time.time() - t0:.0f}s; final train loss {loss:.4f}, eval loss {last_eval:.4f}; "
+              f"checkpoint {save / tag}, plot {plot}, TensorBoard {save / 'logs'}")
+        print(f"convert with: python {save}/zero_to_fp32.py {save} {save}/pytorch_model.bin")
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(argv)
         single_process_env()
-        dataset, tokenizer, ds_config, total_steps, resume_tag = prepare(cfg, int(os.environ["WORLD_SIZE"]))
+        data = prepare(cfg, int(os.environ["WORLD_SIZE"]))
     except (ConfigError, DataError, ModelPathError) as err:
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {err}", file=sys.stderr)
         return 1
     try:
-        train(cfg, dataset, tokenizer, ds_config, total_steps, resume_tag)
+        train(cfg, data)
     except TrainingError as err:
         print(f"error (rank {os.environ['RANK']}): {err}", file=sys.stderr)
         return 1

@@ -77,6 +77,15 @@ def read_records(
     return records
 
 
+def split_records(records: list[dict], eval_ratio: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """(train, eval): a seeded ``eval_ratio`` share held out (at least one record), order kept."""
+    n_eval = max(1, round(len(records) * eval_ratio))
+    if n_eval >= len(records):
+        raise DataError(f"eval_ratio {eval_ratio} leaves no training records out of {len(records)}")
+    held = set(torch.randperm(len(records), generator=torch.Generator().manual_seed(seed)).tolist()[:n_eval])
+    return ([r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held])
+
+
 @dataclass
 class SFTDataset:
     """Encoded samples, each with the index of its record in the data file (its sample id)."""

@@ -16,7 +16,7 @@ def losses(stdout: str) -> list[float]:
     return [float(m[2]) for m in LOSS.findall(stdout)]
 
 
-def assert_checkpoint(save, steps: int):
+def assert_checkpoint(save, steps: int) -> dict:
     tag = f"global_step{steps}"
     assert (save / "latest").read_text() == tag
     assert (save / tag / "zero_pp_rank_0_mp_rank_00_model_states.pt").is_file()
@@ -27,18 +27,25 @@ def assert_checkpoint(save, steps: int):
     return yaml.safe_load((save / "train_config.yaml").read_text())
 
 
-def test_one_rank_zero3_loss_goes_down(tiny_model_dir, alpaca_file, tmp_path):
+def test_one_rank_zero3_loss_goes_down_with_eval_logs_and_plot(tiny_model_dir, alpaca_file, tmp_path):
     save = tmp_path / "out"
     cmd = [sys.executable, "train_sft.py", "--model_path", str(tiny_model_dir), "--data_path", str(alpaca_file),
-           "--save_path", str(save), "--micro_batch_size", "4", *FAST]
+           "--save_path", str(save), "--micro_batch_size", "4", "--eval_ratio", "0.25", "--eval_steps", "5", *FAST]
     proc = run(cmd)
     assert proc.returncode == 0, proc.stderr[-3000:]
     curve = losses(proc.stdout)
-    assert len(curve) == 18  # 3 epochs x ceil(48 / 8)
+    assert len(curve) == 15  # 3 epochs x ceil(36 / 8): 12 of the 48 records are held out
     assert curve[-1] < curve[0] - 1.0, curve
+    assert "36 samples (0 skipped" in proc.stdout and "12 eval samples" in proc.stdout
     assert "1 ranks x 2 accumulation x 4 = batch 8" in proc.stdout
-    resolved = assert_checkpoint(save, 18)
+    evals = [float(x) for x in re.findall(r"^step (?:5|10|15)/15 eval loss ([\d.]+)$", proc.stdout, re.M)]
+    assert len(evals) == 3 and evals[-1] < evals[0], evals
+    resolved = assert_checkpoint(save, 15)
     assert resolved["lr"] == 5e-3 and resolved["micro_batch_size"] == 4
+    assert list((save / "logs").glob("events.out.tfevents.*"))
+    assert (save / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = proc.stdout.splitlines()[-2]
+    assert summary.startswith("done: 15 steps") and "eval loss" in summary and "loss.png" in summary
 
 
 @pytest.mark.parametrize(
