@@ -6,15 +6,15 @@
 #   ./scripts/train_sft.sh --hostfile hostfile --master_addr node1   # multi-node: the launcher's job
 #
 # Launcher flags (--num_gpus, --num_nodes, --hostfile, --include, --exclude, --master_addr,
-# --master_port) go to `deepspeed`; every other flag goes to train_sft.py and overrides the
-# defaults below and config/openllama.yaml (see `python train_sft.py --help`).
+# --master_port) go to `deepspeed`; every other flag goes to train_sft.py and overrides
+# the YAML (--config, default config/openllama.yaml; see `python train_sft.py --help`).
 # On a machine without GPUs, --num_gpus N starts N CPU ranks (gloo).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/python.sh"
 cd "$REPO"
 
 launcher=()
-args=(--model_path ./openllama_ckpt --data_path ./openalpaca.json --save_path ./ckpt/openalpaca)
+args=()  # the defaults (./openllama_ckpt, ./openalpaca.json, ./ckpt/openalpaca) come from the config
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --num_gpus|--num_nodes|--hostfile|--include|--exclude|--master_addr|--master_port)

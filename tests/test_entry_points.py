@@ -20,6 +20,8 @@ ENTRY_POINTS = [
     ("inference", REPO),  # python inference.py
     ("openalpaca.export", REPO),  # python -m openalpaca.export (scripts/export_hf.sh)
     ("openalpaca.synthetic", REPO),  # python -m openalpaca.synthetic (scripts/demo.sh)
+    ("openalpaca.demo", REPO),  # python -m openalpaca.demo (scripts/demo.sh)
+    ("model.download", REPO),  # python -m model.download (scripts/download.sh)
     ("zero_to_fp32", REPO / "scripts"),  # python {save_path}/zero_to_fp32.py
 ]
 
@@ -44,3 +46,11 @@ def test_datasets_folder_holds_no_python():
 def test_process_dataset_help_runs_from_the_root():
     proc = run([sys.executable, "process_dataset.py", "--help"], timeout=60)
     assert proc.returncode == 0 and "--max_words" in proc.stdout
+
+
+def test_download_says_clearly_when_it_cannot(tmp_path):
+    proc = subprocess.run(["bash", "scripts/download.sh", "openlm-research/open_llama_3b", str(tmp_path / "o")],
+                          cwd=REPO, env={**clean_env(), "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("error: could not download openlm-research/open_llama_3b")
