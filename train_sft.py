@@ -46,6 +46,7 @@ DATA_ORDER_KEYS = ("seed", "batch_size", "micro_batch_size", "max_length", "epoc
 CRASH_ENV = "OPENALPACA_CRASH_AT"
 CONFIG_NAME = "train_config.yaml"  # the resolved config, written next to every checkpoint
 STATE_NAME = "trainer_state_rank{rank}.pt"  # per-rank RNG state inside a checkpoint tag
+ADAPTER_DIR = "adapter"  # the LoRA adapter, peft format, next to the checkpoint
 TRAINER_STATE = "trainer_state.json"  # step, data position and config of a checkpoint, readable without DeepSpeed
 TMP_PREFIX = "tmp-"  # a tag is written under this prefix and renamed once every rank is done
 
@@ -105,10 +106,34 @@ def build_engine(cfg: TrainConfig, ds_config: dict):
     model = load_model(cfg.model_path, cfg.dtype)
     del ds_hf
     model.config.use_cache = False
+    if cfg.lora_r:
+        model = add_lora(model, cfg)
     if cfg.gradient_checkpointing:
         model.activation_checkpointing_enable()  # non-reentrant, the transformers 5.x default
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config)
     return engine
+
+
+def add_lora(model, cfg: TrainConfig):
+    """Freeze the base model and train LoRA adapters on ``cfg.lora_target_modules``."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=cfg.lora_target_modules.split(","), task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)
+
+
+def save_adapter(engine, save: Path) -> None:
+    """Write the LoRA adapter (peft format) to ``save/adapter``; ZeRO-3 partitions are gathered first."""
+    import deepspeed
+
+    trainable = {n: p for n, p in engine.module.named_parameters() if p.requires_grad}
+    with deepspeed.zero.GatheredParameters(list(trainable.values()), modifier_rank=None):
+        if dist.get_rank() == 0:
+            state = {n: p.detach().cpu().clone() for n, p in trainable.items()}
+            engine.module.save_pretrained(save / ADAPTER_DIR, state_dict=state)
+    dist.barrier()
 
 
 def all_reduce_sum(value: float | torch.Tensor, device: torch.device) -> float:
@@ -274,11 +299,14 @@ def train(cfg: TrainConfig, data: Prepared) -> None:
             save_checkpoint(engine, cfg, step, epoch, len(dataset))
     bar.close()
     tag = save_checkpoint(engine, cfg, step, cfg.epochs, len(dataset))
+    if cfg.lora_r:
+        save_adapter(engine, save)
     metrics.close()
     if rank == 0:
         plot = plot_losses(save / "logs", save / "loss.png")
         print(f"done: {step} steps, {step * cfg.batch_size} sample slots, {tokens_seen:.0f} supervised tokens this "
-              f"run in {time.time() - t0:.0f}s; final train loss {loss:.4f}, eval loss {last_eval:.4f}; "
+              f"run in {time.time() - t0:.0f}s; final train loss {loss:.4f}"
+              f"{f', eval loss {last_eval:.4f}' if data.eval_set else ''}; "
               f"checkpoint {save / tag}, plot {plot}, TensorBoard {save / 'logs'}")
         print(f"convert with: python {save}/zero_to_fp32.py {save} {save}/pytorch_model.bin")
 

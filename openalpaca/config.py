@@ -50,6 +50,12 @@ class TrainConfig:
     eval_ratio: float = 0.0  # share of data_path held out for eval loss (seeded)
     eval_data_path: str = ""  # Alpaca-format eval file; wins over eval_ratio
     eval_steps: int = 0  # eval loss every N optimizer steps; 0: at the end only
+    # LoRA (peft): r 0 is a full fine-tune. In YAML: `lora: {r: 8, alpha: 16, dropout: 0.05,
+    # target_modules: [q_proj, v_proj]}`; on the command line: --lora_r 8 ...
+    lora_r: int = 0
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_target_modules: str = "q_proj,k_proj,v_proj,o_proj"  # comma-separated module names
     # bookkeeping
     logging_steps: int = 1
     save_steps: int = 0  # 0: save only at the end
@@ -66,6 +72,9 @@ class TrainConfig:
         for name in ("save_steps", "eval_steps"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.lora_r < 0 or self.lora_alpha < 1 or not 0 <= self.lora_dropout < 1:
+            problems.append(f"lora needs r >= 0, alpha >= 1, 0 <= dropout < 1, got r {self.lora_r}, "
+                            f"alpha {self.lora_alpha}, dropout {self.lora_dropout}")
         if not 0 <= self.eval_ratio < 1:
             problems.append(f"eval_ratio must be in [0, 1), got {self.eval_ratio}")
         if not self.lr > 0:
@@ -114,10 +123,27 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         return {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of keys to values, got {type(raw).__name__}")
+    raw = _flatten_lora(raw, path)
     unknown = sorted(set(raw) - set(FIELD_TYPES))
     if unknown:
         raise ConfigError(f"{path}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(FIELD_TYPES)}")
     return {k: _check_type(k, v, FIELD_TYPES[k], str(path)) for k, v in raw.items()}
+
+
+def _flatten_lora(raw: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The YAML's ``lora:`` block becomes the flat ``lora_*`` fields (a list of modules, a string)."""
+    if "lora" not in raw:
+        return raw
+    block, raw = raw["lora"], {k: v for k, v in raw.items() if k != "lora"}
+    if not isinstance(block, dict):
+        raise ConfigError(f"{path}: key 'lora' must be a mapping of r, alpha, dropout, target_modules")
+    for key, value in block.items():
+        if f"lora_{key}" not in FIELD_TYPES:
+            raise ConfigError(f"{path}: unknown key lora.{key}; known: r, alpha, dropout, target_modules")
+        if key == "target_modules" and isinstance(value, list) and all(isinstance(v, str) for v in value):
+            value = ",".join(value)
+        raw[f"lora_{key}"] = value
+    return raw
 
 
 def _parse_bool(text: str) -> bool:

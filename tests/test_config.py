@@ -111,3 +111,13 @@ def test_integer_lr_in_yaml_is_a_float(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("lr: 1\n")
     assert load_yaml(path) == {"lr": 1.0}
+
+
+def test_lora_block_in_yaml(tmp_path):
+    path = tmp_path / "lora.yaml"
+    path.write_text("lora:\n  r: 8\n  alpha: 32\n  target_modules: [q_proj, v_proj]\n")
+    cfg = load_config(["--config", str(path), "--lora_dropout", "0.1"])
+    assert (cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules) == (8, 32, 0.1, "q_proj,v_proj")
+    path.write_text("lora:\n  rank: 8\n")
+    with pytest.raises(ConfigError, match=r"lora\.yaml: unknown key lora\.rank"):
+        load_config(["--config", str(path)])
