@@ -13,17 +13,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from model.llama import TORCH_DTYPES, ModelPathError, check_model_folder, load_model, load_tokenizer
-from openalpaca.data import DataError, read_records
 from openalpaca.generate import Sampling, generate
+from openalpaca.records import DataError, atomic_write, check_output, read_records
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -80,9 +78,7 @@ def interactive(model, tokenizer, sampling: Sampling) -> None:
 def read_questions(args: argparse.Namespace) -> list[dict]:
     """The --input_file records, checked (with the output's folder) before any model is loaded."""
     records = read_records(args.input_file, fields=("instruction",), optional=("input",))
-    out = Path(args.output_file)
-    if not out.parent.is_dir():
-        raise DataError(f"{out}: output directory {out.parent} does not exist")
+    check_output(Path(args.output_file))
     return records
 
 
@@ -91,11 +87,9 @@ def answer_file(model, tokenizer, sampling: Sampling, records: list[dict], args:
     with tqdm(total=len(records), desc="generate", dynamic_ncols=True) as bar:
         answers = generate(model, tokenizer, [(r["instruction"], r["input"]) for r in records], sampling,
                            batch_size=args.batch_size, progress=bar.update)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
+    with atomic_write(out) as f:
         for record, answer in zip(records, answers):
             f.write(json.dumps({**record, "generated": answer}, ensure_ascii=False) + "\n")
-    os.replace(tmp, out)
     print(f"wrote {len(records)} answers to {out}")
 
 

@@ -16,117 +16,20 @@ atomically, so an existing output file is never left half-written.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import tempfile
 from pathlib import Path
-from typing import Any
+
+from openalpaca.records import DataError, check_output, check_record, read_records, write_json_atomic
 
 HF_DATASET = "databricks/databricks-dolly-15k"
 DOLLY_FIELDS = ("instruction", "context", "response")
 ALPACA_FIELDS = {"instruction": "instruction", "context": "input", "response": "output"}
 
 
-class DataError(Exception):
-    """Bad input or an unusable output path; the message is shown to the user as is."""
-
-
-def _type_name(value: Any) -> str:
-    """The JSON name of a value's type, which is what a user sees in their file."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, (int, float)):
-        return "number"
-    return {list: "list", dict: "object"}.get(type(value), type(value).__name__)
-
-
-def check_record(record: Any, where: str) -> dict:
-    """Return ``record`` if it is an object with the three dolly fields as strings."""
-    if not isinstance(record, dict):
-        raise DataError(f"{where}: expected a JSON object, got {_type_name(record)}")
-    for field in DOLLY_FIELDS:
-        if field not in record:
-            raise DataError(f"{where}: missing field '{field}'")
-        if not isinstance(record[field], str):
-            raise DataError(
-                f"{where}: field '{field}' must be a string, got {_type_name(record[field])}"
-            )
-    return record
-
-
-def _read_text(path: Path) -> str:
-    data = path.read_bytes()
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = data.count(b"\n", 0, exc.start) + 1
-        bad = data[exc.start]
-        raise DataError(
-            f"{path}: line {line}: not valid UTF-8 (byte 0x{bad:02x} at file offset {exc.start})"
-        ) from None
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    records = []
-    # split on "\n" only: str.splitlines() would also split on U+2028, which JSON allows in strings
-    for number, line in enumerate(_read_text(path).split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}: line {number}: malformed JSON ({exc.msg})") from None
-        records.append(check_record(record, f"{path}: line {number}"))
-    return records
-
-
-def _read_json(path: Path) -> list[dict]:
-    text = _read_text(path)
-    if not text.strip():
-        return []
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}: line {exc.lineno}: malformed JSON ({exc.msg})") from None
-    if not isinstance(data, list):
-        raise DataError(f"{path}: top level must be a list of objects, got {_type_name(data)}")
-    return [check_record(r, f"{path}: record {i}") for i, r in enumerate(data, start=1)]
-
-
-def _read_parquet(path: Path) -> list[dict]:
-    import pyarrow
-    import pyarrow.parquet
-
-    try:
-        rows = pyarrow.parquet.read_table(path).to_pylist()
-    except (pyarrow.ArrowException, OSError) as exc:
-        raise DataError(f"{path}: not a readable parquet file ({exc})") from None
-    return [check_record(r, f"{path}: record {i}") for i, r in enumerate(rows, start=1)]
-
-
-READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".parquet": _read_parquet}
-
-
 def read_dolly(path: str | os.PathLike) -> list[dict]:
     """Read and validate a local dolly-format file (``.jsonl``, ``.json`` list or ``.parquet``)."""
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: no such file")
-    reader = READERS.get(path.suffix.lower())
-    if reader is None:
-        raise DataError(f"{path}: unsupported file type '{path.suffix}' (use {', '.join(READERS)})")
-    try:
-        if path.stat().st_size == 0:
-            raise DataError(f"{path}: file is empty")
-        records = reader(path)
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read ({exc.strerror})") from None
-    if not records:
-        raise DataError(f"{path}: no records found")
-    return records
+    return read_records(path, DOLLY_FIELDS)
 
 
 def load_hf_dolly() -> list[dict]:
@@ -141,7 +44,7 @@ def load_hf_dolly() -> list[dict]:
             f"could not load {HF_DATASET} from the Hugging Face hub ({reason}); "
             "download it and pass --input FILE (.jsonl, .json or .parquet)"
         ) from None
-    return [check_record(r, f"{HF_DATASET}: record {i}") for i, r in enumerate(rows, start=1)]
+    return [check_record(r, f"{HF_DATASET}: record {i}", DOLLY_FIELDS) for i, r in enumerate(rows, start=1)]
 
 
 def word_count(record: dict) -> int:
@@ -156,36 +59,6 @@ def to_alpaca(records: list[dict], max_words: int) -> tuple[list[dict], int]:
         if word_count(record) <= max_words
     ]
     return kept, len(records) - len(kept)
-
-
-def write_json_atomic(obj: Any, path: str | os.PathLike) -> None:
-    """Write ``obj`` as UTF-8 JSON (indent 4) to ``path`` via a temp file and ``os.replace``.
-
-    Raises ``OSError`` on failure; ``path`` is then left as it was and no temp file remains.
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=4, ensure_ascii=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-def check_output(path: Path) -> None:
-    """Fail before any work when ``path`` cannot possibly be written."""
-    directory = path.parent
-    if not directory.exists():
-        raise DataError(f"{path}: output directory {directory} does not exist")
-    if not directory.is_dir():
-        raise DataError(f"{path}: output directory {directory} is not a directory")
-    if not os.access(directory, os.W_OK | os.X_OK):
-        raise DataError(f"{path}: output directory {directory} is not writable")
-    if path.is_dir():
-        raise DataError(f"{path}: output path is a directory")
 
 
 def positive_int(text: str) -> int:

@@ -34,10 +34,11 @@ from openalpaca.config import (
     resolve_ds_config,
     steps_per_epoch,
 )
-from openalpaca.data import DataError, SFTDataset, micro_batches, plan_epoch, read_records, split_records
+from openalpaca.data import SFTDataset, micro_batches, plan_epoch, read_alpaca, split_records
 from openalpaca.loss import token_ce_sum
 from openalpaca.metrics import MetricsLogger, plot_losses
 from openalpaca.prompts import IGNORE_INDEX
+from openalpaca.records import DataError
 
 REPO = Path(__file__).resolve().parent
 # Keys that decide which samples each step sees: a resumed run must agree on them.
@@ -82,8 +83,8 @@ def prepare(cfg: TrainConfig, world_size: int) -> Prepared:
     """Everything that can fail on user input, checked before DeepSpeed or a model is touched."""
     raw_ds = load_ds_config(cfg.ds_config)
     check_model_folder(cfg.model_path)
-    records = read_records(cfg.data_path)
-    eval_records = read_records(cfg.eval_data_path) if cfg.eval_data_path else []
+    records = read_alpaca(cfg.data_path)
+    eval_records = read_alpaca(cfg.eval_data_path) if cfg.eval_data_path else []
     if not cfg.eval_data_path and cfg.eval_ratio > 0:
         records, eval_records = split_records(records, cfg.eval_ratio, cfg.seed)
     tokenizer = load_tokenizer(cfg.model_path)

@@ -6,7 +6,6 @@ checkpoint that stored (epoch, step) sees exactly the samples the uninterrupted 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,67 +13,15 @@ from typing import Any
 import torch
 
 from openalpaca.prompts import BOS_ID, IGNORE_INDEX, PAD_ID, EncodedSample, Tokenizer, encode_sample
+from openalpaca.records import DataError, read_records
 
 ALPACA_FIELDS = ("instruction", "input", "output")
+
+
+def read_alpaca(path: str | Path) -> list[dict[str, Any]]:
+    """Alpaca-format training or eval records, validated (see ``openalpaca.records``)."""
+    return read_records(path, ALPACA_FIELDS)
 PAD_SLOT = -1  # a plan slot that fills the last, partial optimizer step: it carries no loss
-
-
-class DataError(ValueError):
-    """A data problem, phrased for the user: it names the file, the record and the field."""
-
-
-def read_records(
-    path: str | Path, fields: tuple[str, ...] = ALPACA_FIELDS, optional: tuple[str, ...] = ()
-) -> list[dict[str, Any]]:
-    """Read a JSON list or JSONL file of records, each an object whose ``fields`` are strings.
-
-    ``optional`` fields may be missing (they read as ""), but must be strings when present.
-    Records keep their other keys. Errors name the file, the line (JSONL) or 1-based record
-    number (JSON list), and the field.
-    """
-    path = Path(path)
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
-    except IsADirectoryError:
-        raise DataError(f"{path}: is a directory, expected a JSON or JSONL file") from None
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not UTF-8 (byte offset {err.start})") from None
-    if not text.strip():
-        raise DataError(f"{path}: empty file, no records")
-    if text.lstrip().startswith("["):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}: malformed JSON at line {err.lineno}: {err.msg}") from None
-        located = [(f"record {i}", rec) for i, rec in enumerate(data, start=1)]
-    else:
-        located = []
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                located.append((f"line {lineno}", json.loads(line)))
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}: line {lineno}: malformed JSON: {err.msg}") from None
-    if not located:
-        raise DataError(f"{path}: no records")
-    records = []
-    for where, rec in located:
-        if not isinstance(rec, dict):
-            raise DataError(f"{path}: {where}: expected a JSON object, got {type(rec).__name__}")
-        for name in fields + optional:
-            if name not in rec and name in optional:
-                rec[name] = ""
-            if name not in rec:
-                raise DataError(f"{path}: {where}: missing field {name!r}")
-            if not isinstance(rec[name], str):
-                raise DataError(
-                    f"{path}: {where}: field {name!r} must be a string, got {json.dumps(rec[name])[:40]}"
-                )
-        records.append(rec)
-    return records
 
 
 def split_records(records: list[dict], eval_ratio: float, seed: int) -> tuple[list[dict], list[dict]]:

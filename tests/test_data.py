@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from openalpaca.data import PAD_SLOT, DataError, SFTDataset, plan_epoch, read_records
+from openalpaca.data import PAD_SLOT, SFTDataset, plan_epoch, read_alpaca
+from openalpaca.records import DataError
 from tests.conftest import make_records
 
 
@@ -34,24 +35,25 @@ def test_read_records_json_and_jsonl(tmp_path):
     records = make_records(5)
     (tmp_path / "a.json").write_text(json.dumps(records))
     (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
-    assert read_records(tmp_path / "a.json") == read_records(tmp_path / "a.jsonl") == records
+    assert read_alpaca(tmp_path / "a.json") == read_alpaca(tmp_path / "a.jsonl") == records
 
 
 @pytest.mark.parametrize(
     "content, message",
     [
-        (b"", "empty file"),
-        (b"[]", "no records"),
+        (b"", "file is empty"),
+        (b"[]", "no records found"),
+        (b'{"instruction": "a",\n "input": "", "output": "b"}', "top level must be a list of objects, got object"),
         (b'[{"instruction": "a", "input": "", "output": "b"}, 3]', "record 2: expected a JSON object"),
         (b'[{"instruction": "a", "input": ""}]', "record 1: missing field 'output'"),
-        (b'{"instruction": "a", "input": 1, "output": "b"}\n', "line 1: field 'input' must be a string"),
-        (b'{"instruction": "a", "input": "", "output": "b"}\n{"instr', "line 2: malformed JSON"),
-        (b'[{"instruction": "caf\xe9", "input": "", "output": "b"}]', "not UTF-8"),
+        (b'[{"instruction": "a", "input": 1, "output": "b"}]', "record 1: field 'input' must be a string, got number"),
+        (b'[{"instruction": "a", "input": "", "output": "b"},\n{"instr', "line 2: malformed JSON"),
+        (b'[{"instruction": "caf\xe9", "input": "", "output": "b"}]', "line 1: not valid UTF-8"),
     ],
 )
 def test_bad_records_name_file_record_and_field(tmp_path, content, message):
     path = tmp_path / "bad.json"
     path.write_bytes(content)
     with pytest.raises(DataError, match=message) as err:
-        read_records(path)
+        read_alpaca(path)
     assert str(path) in str(err.value)

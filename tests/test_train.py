@@ -53,7 +53,7 @@ def test_one_rank_zero3_loss_goes_down_with_eval_logs_and_plot(tiny_model_dir, a
     [
         (["--batch_size", "7"], "batch_size 7 is not divisible"),
         (["--model_path", "./no_such_model"], "no_such_model: model folder not found"),
-        (["--data_path", "./no_such.json"], "no_such.json: file not found"),
+        (["--data_path", "./no_such.json"], "no_such.json: no such file"),
     ],
 )
 def test_bad_input_fails_before_any_model_is_built(tiny_model_dir, alpaca_file, tmp_path, args, message):
