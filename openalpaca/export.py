@@ -255,17 +255,27 @@ def copy_side_files(save_path: Path, out: Path) -> list[str]:
     return copied
 
 
+def _occupied(out: Path) -> bool:
+    """``out`` exists and is not an empty folder (an empty one is simply replaced)."""
+    return out.exists() and not (out.is_dir() and not any(out.iterdir()))
+
+
 def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
     """Rename the finished temp folder to ``out``; an old ``out`` is removed only after that."""
-    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
-        if not overwrite:
-            raise ExportError(f"{out}: already exists and is not empty (pass --overwrite to replace it)")
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.replace(out, old / out.name)
+    if not _occupied(out):
         os.replace(tmp, out)
-        shutil.rmtree(old)
-    else:
+        return
+    if not overwrite:
+        raise ExportError(f"{out}: already exists and is not empty (pass --overwrite to replace it)")
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    os.replace(out, old / out.name)
+    try:
         os.replace(tmp, out)
+    except BaseException:
+        os.replace(old / out.name, out)
+        raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def export(
@@ -280,9 +290,9 @@ def export(
     """Write an HF folder for the ZeRO checkpoint in ``save_path`` to ``out_dir``; returns it."""
     save_path, out = Path(save_path).resolve(), Path(out_dir).resolve()
     check_save_path(save_path)
-    if out == save_path:
-        raise ExportError(f"{out}: OUT_DIR must differ from SAVE_PATH (the export replaces OUT_DIR as a whole)")
-    if out.exists() and not overwrite and not (out.is_dir() and not any(out.iterdir())):
+    if out == save_path or out in save_path.parents:
+        raise ExportError(f"{out}: OUT_DIR must not be SAVE_PATH or hold it (the export replaces OUT_DIR as a whole)")
+    if _occupied(out) and not overwrite:
         raise ExportError(f"{out}: already exists and is not empty (pass --overwrite to replace it)")
     dtype_name = dtype or training_dtype(save_path)
     if dtype_name not in DTYPES:
@@ -329,7 +339,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Export a DeepSpeed ZeRO-3 checkpoint to a Hugging Face folder that from_pretrained loads, "
         "streaming weight by weight.",
     )
-    parser.add_argument("save_path", help="the trainer's --save_path: tag folders, 'latest', config and tokenizer files")
+    parser.add_argument(
+        "save_path", help="the trainer's --save_path: tag folders, 'latest', config and tokenizer files"
+    )
     parser.add_argument("out_dir", help="HF folder to create (written beside it in a temp folder, then renamed)")
     parser.add_argument(
         "--dtype",

@@ -96,7 +96,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Split SAVE_PATH/pytorch_model.bin into pytorch_model-0000X-of-0000N.bin shards + index.",
     )
     parser.add_argument(
-        "save_path", nargs="?", default="./ckpt/openalpaca", help="folder holding pytorch_model.bin (default ./ckpt/openalpaca)"
+        "save_path",
+        nargs="?",
+        default="./ckpt/openalpaca",
+        help="folder holding pytorch_model.bin (default ./ckpt/openalpaca)",
     )
     parser.add_argument(
         "--out_dir",

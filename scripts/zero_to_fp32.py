@@ -124,8 +124,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="directory form only: write safetensors shards instead of pickled .bin",
     )
-    parser.add_argument("-t", "--tag", default=None, help="checkpoint tag, e.g. global_step40 (default: the 'latest' file)")
-    parser.add_argument("--exclude_frozen_parameters", action="store_true", help="leave out parameters that were frozen")
+    parser.add_argument(
+        "-t", "--tag", default=None, help="checkpoint tag, e.g. global_step40 (default: the 'latest' file)"
+    )
+    parser.add_argument(
+        "--exclude_frozen_parameters", action="store_true", help="leave out parameters that were frozen"
+    )
     parser.add_argument("-d", "--debug", action="store_true", help="DeepSpeed converter's debug printout")
     return parser.parse_args(argv)
 

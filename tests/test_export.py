@@ -355,6 +355,9 @@ def test_existing_out_dir_needs_overwrite(ckpt: dict[str, Any], tmp_path: Path) 
     assert export_mod.main([str(ckpt["save"]), str(out), "--dtype", "fp16", "--overwrite"]) == 0
     assert not (out / "old.txt").exists() and (out / "model.safetensors").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+    for inside in (ckpt["save"], ckpt["save"].parent):
+        assert export_mod.main([str(ckpt["save"]), str(inside), "--overwrite"]) == 2
+    assert (ckpt["save"] / "latest").is_file()
 
 
 def test_tag_selects_checkpoint_and_bad_tag_is_named(ckpt: dict[str, Any], tmp_path: Path) -> None:
