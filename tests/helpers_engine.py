@@ -181,7 +181,7 @@ def make_trained_checkpoint(
 def make_trained_checkpoints(
     jobs: list[Job],
     steps: int = 3,
-    dtype: str = "fp32",
+    dtype: str | list[str] = "fp32",
     nproc: int = 1,
     from_config: bool = False,
     seq_len: int = 16,
@@ -189,16 +189,20 @@ def make_trained_checkpoints(
 ) -> None:
     """Run ``train_and_save`` for each job, one after the other, in ONE child process group.
 
+    ``dtype`` is the training dtype of every job, or a list with one per job.
+
     One child for several checkpoints saves an interpreter start and a process-group setup per
     extra checkpoint (most of the cost for tiny models). ``nproc`` > 1 runs the child as that
     many ranks under torchrun: every weight is then split into per-rank slices (padded when its
     size does not divide evenly), the layout a multi-GPU training run leaves.
     """
+    dtypes = [dtype] * len(jobs) if isinstance(dtype, str) else list(dtype)
     script_args = [str(Path(__file__).resolve())]
-    for model_dir, save_path, logits_path in jobs:
+    for (model_dir, save_path, logits_path), job_dtype in zip(jobs, dtypes, strict=True):
         script_args += ["--model_dir", str(Path(model_dir).resolve()), "--save_path", str(Path(save_path).resolve())]
         script_args += ["--logits", str(Path(logits_path).resolve()) if logits_path is not None else ""]
-    script_args += ["--steps", str(steps), "--dtype", dtype, "--seq_len", str(seq_len)]
+        script_args += ["--dtype", job_dtype]
+    script_args += ["--steps", str(steps), "--seq_len", str(seq_len)]
     if from_config:
         script_args.append("--from_config")
     if nproc == 1:
@@ -236,7 +240,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--steps", type=int, default=3, help="training steps before saving, so weights differ from init"
     )
-    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="training dtype (fp16 fails on CPU)")
+    parser.add_argument(
+        "--dtype",
+        action="append",
+        choices=("fp32", "bf16"),
+        default=None,
+        help="training dtype, fp32 by default (fp16 fails on CPU); once for all --model_dir or once per --model_dir",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random training ids and of the probe input")
     parser.add_argument(
         "--from_config", action="store_true", help="random weights from config.json alone (no weight files read)"
@@ -245,21 +255,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--local_rank", type=int, default=0, help="set by the deepspeed launcher; unused")
     args = parser.parse_args(argv)
     args.logits = args.logits or [""] * len(args.model_dir)
-    if not len(args.model_dir) == len(args.save_path) == len(args.logits):
-        parser.error("give --save_path (and --logits, if any) once per --model_dir")
+    args.dtype = args.dtype or ["fp32"]
+    if len(args.dtype) == 1:
+        args.dtype = args.dtype * len(args.model_dir)
+    if not len(args.model_dir) == len(args.save_path) == len(args.logits) == len(args.dtype):
+        parser.error("give --save_path (and --logits, --dtype if any) once per --model_dir")
     return args
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    for model_dir, save_path, logits in zip(args.model_dir, args.save_path, args.logits):
+    for model_dir, save_path, logits, dtype in zip(args.model_dir, args.save_path, args.logits, args.dtype):
         Path(save_path).mkdir(parents=True, exist_ok=True)
         train_and_save(
             model_dir,
             save_path,
             logits or None,
             steps=args.steps,
-            dtype=args.dtype,
+            dtype=dtype,
             seed=args.seed,
             from_config=args.from_config,
             seq_len=args.seq_len,

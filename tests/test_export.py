@@ -61,10 +61,11 @@ def copy_save(src: Path, dst: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
-    """Two trained ZeRO-3 checkpoints laid out as the trainer writes them, and the engines' logits.
+    """Trained ZeRO-3 checkpoints laid out as the trainer writes them, and the engines' logits.
 
-    "untied" is the OpenLLaMA layout; "tied" shares input and output embeddings, which DeepSpeed
-    lists under two names. Both come from one child process (one start-up for both).
+    "untied" is the OpenLLaMA layout, trained in fp32; "tied" shares input and output embeddings,
+    which DeepSpeed lists under two names; "bf16" is "untied" trained in bf16 (the trainer's
+    default). All come from one child process (one start-up for all).
     """
     root = tmp_path_factory.mktemp("export")
     base = make_tiny_checkpoint(root / "base", TEXTS, vocab_size=320, seed=0, **SHAPE)
@@ -73,9 +74,9 @@ def ckpts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]
     config = llama_config(tokenizer_vocab_size(base), **SHAPE)
     config.tie_word_embeddings = True
     write_tiny_llama(base_tied, config, seed=0)
-    bases = {"untied": base, "tied": base_tied}
+    bases = {"untied": base, "tied": base_tied, "bf16": base}
     jobs = [(path, root / f"save_{name}", root / f"{name}_logits.pt") for name, path in bases.items()]
-    helpers_engine.make_trained_checkpoints(jobs, steps=3)
+    helpers_engine.make_trained_checkpoints(jobs, steps=3, dtype=["fp32", "fp32", "bf16"])
     found = {}
     for name, (model_dir, save, logits) in zip(bases, jobs):
         ref = torch.load(logits)
@@ -87,6 +88,11 @@ def ckpts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]
 @pytest.fixture(scope="module")
 def ckpt(ckpts: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return ckpts["untied"]
+
+
+@pytest.fixture(scope="module")
+def bf16_ckpt(ckpts: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    return ckpts["bf16"]
 
 
 @pytest.fixture(scope="module")
@@ -378,3 +384,15 @@ def test_tied_embeddings_named_once(tied_ckpt: dict[str, Any], tmp_path: Path, f
     model = load(out)
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     torch.testing.assert_close(logits_of(model, tied_ckpt["input_ids"]), tied_ckpt["logits"], atol=1e-5, rtol=0)
+
+
+def test_bf16_training_exports_bf16_by_default(bf16_ckpt: dict[str, Any], tmp_path: Path) -> None:
+    """A bf16 run (train_config.yaml says so) exports bf16 by default, rounded from the fp32 master
+    weights exactly as the engine rounds its bf16 working copy: the bf16 forward matches bit for bit.
+    """
+    out = tmp_path / "hf"
+    assert export_mod.main([str(bf16_ckpt["save"]), str(out)]) == 0
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    model = load(out, dtype=None)
+    assert model.dtype == torch.bfloat16
+    torch.testing.assert_close(logits_of(model, bf16_ckpt["input_ids"]), bf16_ckpt["logits"], atol=0, rtol=0)
