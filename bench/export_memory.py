@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.rebuild:
         shutil.rmtree(work, ignore_errors=True)
     save = build_checkpoint(work)
-    print(__doc__.split("Method: ")[1].split("\n\n")[0].replace("\n", " "))
+    print("method: " + __doc__.split("Method: ")[1].split("\n\n")[0].replace("\n", " ").replace("``", ""))
     ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     print(f"machine: {os.cpu_count()} CPUs, {ram / 2**30:.0f} GiB RAM")
 
