@@ -40,6 +40,8 @@ from typing import Any, BinaryIO, Iterable
 import torch
 import yaml
 
+from openalpaca.lora import merge_lora
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CONFIG_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 SAFETENSORS_DTYPES = {
@@ -71,6 +73,13 @@ class ExportError(ValueError):
     """A problem with the inputs, phrased for the user (it names the path)."""
 
 
+def train_config(save_path: str | Path) -> dict[str, Any]:
+    """The run's resolved config (``SAVE_PATH/train_config.yaml``); empty for older save paths."""
+    path = Path(save_path) / "train_config.yaml"
+    config = yaml.safe_load(path.read_text()) if path.is_file() else {}
+    return config if isinstance(config, dict) else {}
+
+
 def training_dtype(save_path: str | Path) -> str:
     """The dtype the run trained in: ``dtype`` in ``SAVE_PATH/train_config.yaml``, else fp32.
 
@@ -78,10 +87,7 @@ def training_dtype(save_path: str | Path) -> str:
     trained in fp32.
     """
     path = Path(save_path) / "train_config.yaml"
-    if not path.is_file():
-        return "fp32"
-    config = yaml.safe_load(path.read_text()) or {}
-    dtype = config.get("dtype", "fp32") if isinstance(config, dict) else "fp32"
+    dtype = train_config(save_path).get("dtype", "fp32")
     if dtype not in DTYPES:
         raise ExportError(f"{path}: dtype {dtype!r} is not one of {sorted(DTYPES)}")
     return str(dtype)
@@ -301,6 +307,9 @@ def export(
     tag = resolve_tag(save_path, tag)
 
     lazy = lazy_state_dict(save_path, tag)
+    config = train_config(save_path)
+    if config.get("lora_r"):  # a LoRA run: fold the adapters in, under the base model's names
+        lazy = merge_lora(lazy, config["lora_r"], config["lora_alpha"])
     plan = plan_shards(lazy, torch_dtype, fmt, max_shard_size)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
