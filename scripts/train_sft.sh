@@ -23,5 +23,9 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 
+# A free port unless one is given: two runs on one machine must not both take DeepSpeed's 29500.
+if [[ " ${launcher[*]} " != *" --master_port "* ]]; then
+  launcher+=(--master_port "$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')")
+fi
 export DS_ACCELERATOR=${DS_ACCELERATOR:-$("$PYTHON" -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')}
 exec "$PYTHON" -m deepspeed.launcher.runner "${launcher[@]}" train_sft.py "${args[@]}"
