@@ -37,6 +37,14 @@ from openalpaca.config import (
 from openalpaca.data import SFTDataset, micro_batches, plan_epoch, read_alpaca, split_records
 from openalpaca.loss import token_ce_sum
 from openalpaca.metrics import MetricsLogger, plot_losses
+from openalpaca.packing import (
+    attention_implementation,
+    model_inputs,
+    packed_micro_batches,
+    plan_packed_epoch,
+    token_budget,
+    token_counts,
+)
 from openalpaca.prompts import IGNORE_INDEX
 from openalpaca.records import DataError
 
@@ -104,7 +112,7 @@ def build_engine(cfg: TrainConfig, ds_config: dict):
 
     # While this object lives, from_pretrained loads weights straight into ZeRO-3 partitions.
     ds_hf = HfDeepSpeedConfig(ds_config)
-    model = load_model(cfg.model_path, cfg.dtype)
+    model = load_model(cfg.model_path, cfg.dtype, attn_implementation=attention_implementation(cfg.pack))
     del ds_hf
     model.config.use_cache = False
     if cfg.lora_r:
@@ -220,9 +228,10 @@ def train_step(engine, batches: list[dict], world: int) -> tuple[float, float]:
     # micro-batch it landed in: normalise by the step's total, not per micro-batch.
     n_tokens = all_reduce_sum(sum((b["labels"] != IGNORE_INDEX).sum() for b in batches), engine.device)
     loss_sum = torch.zeros((), dtype=torch.float64)
-    for batch in batches:
-        logits = engine(input_ids=batch["input_ids"].to(engine.device),
-                        attention_mask=batch["attention_mask"].to(engine.device)).logits
+    for i, batch in enumerate(batches):
+        # A packed step has as many micro-batches as its samples need: say which one ends it.
+        engine.set_gradient_accumulation_boundary(i == len(batches) - 1)
+        logits = engine(**model_inputs(batch, engine.device)).logits
         ce = token_ce_sum(logits, batch["labels"].to(engine.device))
         # DeepSpeed divides by gas and averages over ranks; undo both so the gradient is sum / n_tokens.
         engine.backward(ce * (gas * world / n_tokens))
@@ -270,13 +279,20 @@ def train(cfg: TrainConfig, data: Prepared) -> None:
               f"{cfg.batch_size}; {total_steps} steps, starting at {step}")
     bar = tqdm(total=total_steps, initial=step, disable=rank != 0, desc="train", dynamic_ncols=True)
     plan, plan_for, tokens_seen, t0 = None, None, 0, time.time()
+    micro_steps, tokens_in, padding = 0, 0, 0  # this rank's, for the throughput line
     loss = last_eval = float("nan")
     while step < total_steps:
         epoch, step_in_epoch = divmod(step, per_epoch)
         if plan_for != epoch:
-            plan = plan_epoch(len(dataset), epoch, cfg.seed, cfg.batch_size, cfg.micro_batch_size, world, rank)
+            if cfg.pack:
+                lengths = [len(s.input_ids) for s in dataset.samples]
+                plan = plan_packed_epoch(lengths, epoch, cfg.seed, cfg.batch_size, token_budget(cfg), world, rank)
+            else:
+                plan = plan_epoch(len(dataset), epoch, cfg.seed, cfg.batch_size, cfg.micro_batch_size, world, rank)
             plan_for = epoch
-        batches = micro_batches(dataset, plan[step_in_epoch])
+        batches = (packed_micro_batches if cfg.pack else micro_batches)(dataset, plan[step_in_epoch])
+        n_in, n_pad = token_counts(batches)
+        micro_steps, tokens_in, padding = micro_steps + len(batches), tokens_in + n_in, padding + n_pad
         log_sample_ids(cfg.save_path, rank, step + 1, [i for b in batches for i in b["sample_ids"]])
         loss, n_tokens = train_step(engine, batches, world)
         step += 1
@@ -298,12 +314,16 @@ def train(cfg: TrainConfig, data: Prepared) -> None:
         bar.update(1)
         if cfg.save_steps and step % cfg.save_steps == 0 and step < total_steps:
             save_checkpoint(engine, cfg, step, epoch, len(dataset))
+    elapsed = time.time() - t0
     bar.close()
     tag = save_checkpoint(engine, cfg, step, cfg.epochs, len(dataset))
     if cfg.lora_r:
         save_adapter(engine, save)
     metrics.close()
+    tokens_in, padding = all_reduce_sum(tokens_in, engine.device), all_reduce_sum(padding, engine.device)
     if rank == 0:
+        print(f"throughput: {micro_steps} micro-steps per rank, {tokens_in:.0f} tokens processed "
+              f"({padding:.0f} padding), {tokens_seen:.0f} supervised, {elapsed:.2f}s training")
         plot = plot_losses(save / "logs", save / "loss.png")
         print(f"done: {step} steps, {step * cfg.batch_size} sample slots, {tokens_seen:.0f} supervised tokens this "
               f"run in {time.time() - t0:.0f}s; final train loss {loss:.4f}"

@@ -1,0 +1,294 @@
+"""Padding-free packing: several samples per micro-batch row, each attending only to itself.
+
+The seed runs one ~220-token sample per micro-batch, so under ZeRO-3 every sample pays a full
+gather of the weights in forward and backward. Packing puts the samples of an optimizer step
+into as few rows as fit a token budget, with three guarantees that keep the result per sample
+the seed's:
+
+* **Same steps.** Step ``s`` of an epoch holds exactly the samples of step ``s`` of
+  ``data.plan_epoch`` (same shuffle of ``(seed, epoch)``, same ``batch_size`` samples per
+  step), so steps per epoch, samples per step, lr and schedule mean what they mean in the seed;
+  only how a step's samples are cut into micro-batches differs.
+* **Own attention and positions.** Position ids restart at 0 for every sample, and attention
+  is block-diagonal: ``cu_seq_lens`` mark the sample boundaries and the attention function
+  registered here runs causal SDPA on each sample's segment alone (flash-attention varlen on a
+  GPU with ``flash_attn`` installed), so no FLOP is spent on a masked block.
+* **Own labels.** A sample's first token is never a target, so the last token of one sample is
+  never trained to predict the first token of the next.
+
+The trainer normalises the loss by the supervised tokens of the whole optimizer step (all
+micro-batches, all ranks), so a packed step's gradient equals the seed's up to float rounding.
+
+How the config maps: ``batch_size`` keeps its meaning (samples per optimizer step over all
+ranks), so ``steps_per_epoch``, warmup and decay are the seed's; ``max_tokens_per_micro_batch``
+(0: ``max_length``) bounds a row; ``micro_batch_size`` must stay 1 and DeepSpeed's
+``gradient_accumulation_steps`` stays ``batch_size / world`` in its JSON, where it only scales
+the loss, a scale the trainer undoes.
+
+A packed step may need a different number of micro-batches than the next one. Every rank runs
+the same number within a step (empty "pad" micro-batches, one unsupervised token, fill the
+gap, because ZeRO-3's collectives need every rank in every micro-step), and the trainer tells
+DeepSpeed where the step ends (``engine.set_gradient_accumulation_boundary``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from openalpaca.config import TrainConfig
+from openalpaca.data import PAD_SLOT, SFTDataset, plan_epoch
+from openalpaca.prompts import BOS_ID, IGNORE_INDEX, EncodedSample
+
+PACKED_ATTENTION = "openalpaca_packed_sdpa"  # the name registered in transformers' AttentionInterface
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k",
+                "max_length_q", "max_length_k")  # batch keys the model's forward takes
+
+
+# ---------------------------------------------------------------------------- planning
+
+
+def pack_step(indices: Sequence[int], lengths: Sequence[int], max_tokens: int, num_ranks: int) -> list[list[int]]:
+    """Cut one optimizer step's samples into ``num_ranks * k`` rows of at most ``max_tokens`` tokens.
+
+    ``k`` (micro-batches per rank) starts at the lower bound ``ceil(tokens / (num_ranks *
+    max_tokens))`` and grows only when the samples do not fit. Longest sample first, each goes
+    to the least-filled row: rows come out nearly equal, which matters because under ZeRO-3 a
+    micro-step lasts as long as its fullest row on any rank. Rows, fullest first, are dealt to
+    the ``W`` ranks in a snake order (rank ``r`` gets the ``r``-th, the ``(2W-1-r)``-th, the
+    ``(2W+r)``-th, ...) so that no rank always gets the fuller one, and returned so that rank
+    ``r``'s micro-batches are ``rows[r::W]``. An empty row is a pad micro-batch. Ties break on
+    the index: deterministic.
+
+    Four samples of 5, 3, 4 and 2 tokens, rows of at most 6 tokens, two ranks: 14 tokens need
+    two micro-batches per rank. Rank ``r`` takes rows ``r, r + 2``: rank 0 runs sample 0 then
+    sample 3 (5 + 2 tokens), rank 1 sample 2 then sample 1 (4 + 3 tokens)::
+
+    >>> pack_step([0, 1, 2, 3], lengths=[5, 3, 4, 2], max_tokens=6, num_ranks=2)
+    [[0], [2], [3], [1]]
+    """
+    too_long = [i for i in indices if lengths[i] > max_tokens]
+    if too_long:
+        raise ValueError(f"sample {too_long[0]} has {lengths[too_long[0]]} tokens, over the budget of {max_tokens}")
+    order = sorted(indices, key=lambda i: (-lengths[i], i))
+    k = max(1, math.ceil(sum(lengths[i] for i in indices) / (num_ranks * max_tokens)))
+    while True:
+        rows: list[list[int]] = [[] for _ in range(num_ranks * k)]
+        load = [0] * len(rows)
+        for i in order:
+            r = min(range(len(rows)), key=lambda j: (load[j], j))
+            if load[r] + lengths[i] > max_tokens:
+                break
+            rows[r].append(i)
+            load[r] += lengths[i]
+        else:
+            break
+        k += 1
+    by_load = sorted(range(len(rows)), key=lambda j: (-load[j], j))
+    dealt: list[list[int]] = [[] for _ in range(num_ranks)]
+    for n, j in enumerate(by_load):
+        lap, pos = divmod(n, num_ranks)
+        dealt[pos if lap % 2 == 0 else num_ranks - 1 - pos].append(j)
+    return [rows[j] for lap in range(k) for j in (d[lap] for d in dealt)]
+
+
+def plan_packed_epoch(
+    lengths: Sequence[int], epoch: int, seed: int, batch_size: int, max_tokens: int, world_size: int, rank: int
+) -> list[list[list[int]]]:
+    """This rank's packed micro-batches for every optimizer step: ``plan[step][micro] = [index, ...]``.
+
+    The structure of ``data.plan_epoch`` (same steps, same samples in each step); a micro-batch
+    is a list of sample indices packed into one row, ``[]`` is a pad micro-batch. Every rank
+    computes the same global packing from ``(seed, epoch)`` and takes its share, so every sample
+    is seen exactly once per epoch and all ranks run the same number of micro-steps per step.
+
+    >>> lengths = [5, 3, 4, 2, 6]
+    >>> plan_packed_epoch(lengths, epoch=0, seed=0, batch_size=4, max_tokens=8, world_size=2, rank=0)
+    [[[4, 3]], [[2]]]
+    >>> plan_packed_epoch(lengths, epoch=0, seed=0, batch_size=4, max_tokens=8, world_size=2, rank=1)
+    [[[0, 1]], [[]]]
+    """
+    plan = []
+    for (step_slots,) in plan_epoch(len(lengths), epoch, seed, batch_size, batch_size, 1, 0):
+        rows = pack_step([i for i in step_slots if i != PAD_SLOT], lengths, max_tokens, world_size)
+        plan.append(rows[rank::world_size])
+    return plan
+
+
+def token_budget(cfg: TrainConfig) -> int:
+    """Tokens per packed row: ``max_tokens_per_micro_batch``, or ``max_length`` when that is 0."""
+    return cfg.max_tokens_per_micro_batch or cfg.max_length
+
+
+# ---------------------------------------------------------------------------- collation
+
+
+def collate_packed(samples: Sequence[EncodedSample]) -> dict[str, Any]:
+    """Concatenate a micro-batch's samples into one row, with no padding at all.
+
+    Position ids restart at 0 for each sample and ``cu_seq_lens`` (cumulative sample lengths,
+    int32 as flash-attention wants them) tell the attention where each sample starts. Each
+    sample's first label is ``IGNORE_INDEX`` whatever it was: the logits at the last token of
+    a sample must not be trained to predict the first token of the next one. An empty list
+    (a pad micro-batch) gives a one-token row with no label. Worked example::
+
+        sample a: input_ids [1, 5, 2, 1, 9, 2]  labels [-100, -100, -100, -100, 9, 2]
+        sample b: input_ids [1, 6, 2, 1, 8]     labels [-100, -100, -100, -100, 8]
+
+    >>> a = EncodedSample([1, 5, 2, 1, 9, 2], [-100, -100, -100, -100, 9, 2], False)
+    >>> b = EncodedSample([1, 6, 2, 1, 8], [-100, -100, -100, -100, 8], False)
+    >>> batch = collate_packed([a, b])
+    >>> batch["input_ids"].tolist()
+    [[1, 5, 2, 1, 9, 2, 1, 6, 2, 1, 8]]
+    >>> batch["labels"].tolist()
+    [[-100, -100, -100, -100, 9, 2, -100, -100, -100, -100, 8]]
+    >>> batch["position_ids"].tolist()
+    [[0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4]]
+    >>> batch["cu_seq_lens_q"].tolist(), batch["max_length_q"], batch["num_padding"]
+    ([0, 6, 11], 6, 0)
+    >>> collate_packed([])["input_ids"].tolist(), collate_packed([])["num_padding"]
+    ([[1]], 1)
+    """
+    rows = list(samples) or [EncodedSample([BOS_ID], [IGNORE_INDEX], False)]
+    input_ids, labels, positions, lengths = [], [], [], []
+    for s in rows:
+        input_ids += s.input_ids
+        labels += [IGNORE_INDEX] + list(s.labels[1:])
+        positions += range(len(s.input_ids))
+        lengths.append(len(s.input_ids))
+    cu = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    return {
+        "input_ids": torch.tensor([input_ids]),
+        "labels": torch.tensor([labels]),
+        "position_ids": torch.tensor([positions]),
+        "cu_seq_lens_q": cu,
+        "cu_seq_lens_k": cu,
+        "max_length_q": max(lengths),
+        "max_length_k": max(lengths),
+        "num_padding": 0 if samples else 1,
+    }
+
+
+def packed_micro_batches(dataset: SFTDataset, step_plan: list[list[int]]) -> list[dict[str, Any]]:
+    """Collated packed micro-batches of one optimizer step, each with the sample ids it holds."""
+    batches = []
+    for slots in step_plan:
+        batch = collate_packed([dataset.samples[i] for i in slots])
+        batch["sample_ids"] = [dataset.ids[i] for i in slots]
+        batches.append(batch)
+    return batches
+
+
+def token_counts(batches: Sequence[dict[str, Any]]) -> tuple[int, int]:
+    """``(tokens processed, of which padding)`` over seed or packed micro-batches.
+
+    A seed micro-batch pads its rows to the longest (and a pad slot is a one-token row); a
+    packed row has no padding, only a pad micro-batch is one token of it.
+    """
+    processed = padding = 0
+    for b in batches:
+        processed += b["input_ids"].numel()
+        if "num_padding" in b:
+            padding += b["num_padding"]
+        else:  # a seed pad slot's one token is attended, but the row holds no sample
+            padding += int((b["attention_mask"] == 0).sum()) + len(b["input_ids"]) - len(b["sample_ids"])
+    return processed, padding
+
+
+def model_inputs(batch: dict[str, Any], device: torch.device | str) -> dict[str, Any]:
+    """The forward kwargs of a seed or a packed micro-batch, tensors moved to ``device``."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items() if k in MODEL_INPUTS}
+
+
+# ---------------------------------------------------------------------------- attention
+
+
+def packed_sdpa_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    cu_seq_lens_q: torch.Tensor | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Block-diagonal causal attention: SDPA on each packed sample's segment alone.
+
+    ``query`` is ``(batch, heads, tokens, head_dim)`` as transformers passes it; with
+    ``cu_seq_lens_q`` the rows are read as one flat stream of tokens cut at those offsets (the
+    flash-attention varlen convention). A 4D mask over a packed row would spend ``T**2``
+    attention work of which only ``sum(n_i**2)`` is kept; this spends only the kept part, with
+    torch's fused causal kernel. Without ``cu_seq_lens_q`` it is plain causal SDPA, and with a
+    padding mask (the mask function registered with it hands over the 2D mask only when a row
+    has padding) or a kv cache longer than the queries it builds the dense mask as ``sdpa``
+    does, so a model set to this implementation stays right on any batch.
+    Returns ``(batch, tokens, heads, head_dim)`` and no attention weights, as ``sdpa`` does.
+    """
+    batch, heads, q_len, dim = query.shape
+    kv_len = key.shape[2]
+    gqa = heads != key.shape[1]
+    drop = dropout if module.training else 0.0
+    if cu_seq_lens_q is not None and attention_mask is None and q_len == kv_len:
+        bounds = cu_seq_lens_q.tolist()
+        if bounds[-1] != batch * q_len:
+            raise ValueError(f"cu_seq_lens_q ends at {bounds[-1]}, but the batch holds {batch * q_len} tokens")
+
+        def flat(t: torch.Tensor) -> torch.Tensor:
+            return t.transpose(0, 1).reshape(1, t.shape[1], batch * q_len, dim)
+
+        q, k, v = flat(query), flat(key), flat(value)
+        out = torch.cat(
+            [
+                F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], dropout_p=drop,
+                                               is_causal=True, scale=scaling, enable_gqa=gqa)
+                for a, b in zip(bounds[:-1], bounds[1:])
+            ],
+            dim=2,
+        )
+        return out.reshape(heads, batch, q_len, dim).permute(1, 2, 0, 3).contiguous(), None
+    mask = None
+    if attention_mask is not None or q_len != kv_len:
+        ones = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device)
+        causal = ones.tril(kv_len - q_len)
+        mask = causal[None, None]
+        if attention_mask is not None:
+            # A query that is itself padding would see no key at all (NaN); let it see itself.
+            own = causal & ~ones.tril(kv_len - q_len - 1)
+            mask = (causal & attention_mask[:, None, None, -kv_len:].bool()) | own
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=drop,
+                                         is_causal=mask is None and q_len > 1, scale=scaling, enable_gqa=gqa)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register_packed_attention() -> str:
+    """Register ``packed_sdpa_attention`` with transformers under ``PACKED_ATTENTION``.
+
+    Its mask function is flash-attention's: no mask at all for unpadded rows (so a packed row
+    never gets a ``T x T`` mask built for it), the 2D padding mask otherwise.
+    """
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask
+
+    AttentionInterface.register(PACKED_ATTENTION, packed_sdpa_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED_ATTENTION, flash_attention_mask)
+    return PACKED_ATTENTION
+
+
+def attention_implementation(pack: bool) -> str | None:
+    """The ``attn_implementation`` to load the model with: None (transformers' default) unless packing.
+
+    Packed rows need attention that reads ``cu_seq_lens``: flash-attention 2's varlen kernel
+    when a GPU and ``flash_attn`` are there (transformers passes ``cu_seq_lens_*`` to it), else
+    the per-segment SDPA registered here.
+    """
+    if not pack:
+        return None
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return register_packed_attention()

@@ -1,0 +1,267 @@
+"""Packing gives the seed's result per sample: losses, gradients, attention, labels, epoch coverage.
+
+The reference is always the seed's way: each sample run alone through transformers' own
+``sdpa`` attention. Everything is fp32 on CPU, so "the same" means within 1e-5.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model.llama import load_model
+from openalpaca.config import ConfigError, TrainConfig
+from openalpaca.data import PAD_SLOT, SFTDataset, collate, micro_batches, plan_epoch
+from openalpaca.loss import token_ce_sum
+from openalpaca.packing import (
+    collate_packed,
+    model_inputs,
+    pack_step,
+    packed_micro_batches,
+    packed_sdpa_attention,
+    plan_packed_epoch,
+    register_packed_attention,
+    token_budget,
+    token_counts,
+)
+from openalpaca.prompts import IGNORE_INDEX, EncodedSample
+from tests.conftest import make_records, run
+
+TOL = {"rtol": 1e-5, "atol": 1e-5}
+
+
+@pytest.fixture(scope="module")
+def samples(tokenizer) -> list[EncodedSample]:
+    """Eight real samples of different lengths (the tiny tokenizer's Alpaca layout)."""
+    return SFTDataset.from_records(make_records(8, seed=3), tokenizer, max_length=64).samples
+
+
+@pytest.fixture(scope="module")
+def models(tiny_model_dir):
+    """The same tiny LLaMA twice: with the packed attention and with transformers' sdpa."""
+    packed = load_model(tiny_model_dir, "fp32", attn_implementation=register_packed_attention())
+    seed = load_model(tiny_model_dir, "fp32", attn_implementation="sdpa")
+    return packed, seed
+
+
+def dolly_like_lengths(n: int, seed: int = 0) -> list[int]:
+    """Many short samples, a long tail clipped at 1024 tokens."""
+    rng = random.Random(seed)
+    return [min(1024, max(16, int(rng.lognormvariate(5.0, 0.9)))) for _ in range(n)]
+
+
+def per_sample_ce(logits: torch.Tensor, labels: torch.Tensor, bounds: list[int]) -> torch.Tensor:
+    """Summed next-token CE of each packed sample (the loss as train_sft.py computes it, split up)."""
+    ce = F.cross_entropy(logits[0, :-1], labels[0, 1:], ignore_index=IGNORE_INDEX, reduction="none")
+    # ce[t] is the loss of predicting token t + 1; sample [a, b) owns targets a + 1 .. b - 1.
+    return torch.stack([ce[a : b - 1].sum() for a, b in zip(bounds[:-1], bounds[1:])])
+
+
+# ---------------------------------------------------------------------------- same result per sample
+
+
+def test_packed_losses_and_gradients_equal_one_by_one(models, samples):
+    packed_model, seed_model = models
+    n_tokens = sum(s.num_supervised for s in samples)
+
+    batch = collate_packed(samples)
+    logits = packed_model(**model_inputs(batch, "cpu")).logits
+    packed_losses = per_sample_ce(logits, batch["labels"], batch["cu_seq_lens_q"].tolist())
+    (packed_losses.sum() / n_tokens).backward()
+    packed_grads = {n: p.grad.clone() for n, p in packed_model.named_parameters()}
+
+    seed_losses = []
+    for s in samples:
+        one = collate([s])
+        ce = token_ce_sum(seed_model(input_ids=one["input_ids"], attention_mask=one["attention_mask"]).logits,
+                          one["labels"])
+        (ce / n_tokens).backward()
+        seed_losses.append(ce.detach())
+
+    torch.testing.assert_close(packed_losses.detach(), torch.stack(seed_losses), **TOL)
+    assert packed_losses.sum().item() == pytest.approx(sum(seed_losses).item(), rel=1e-6)
+    for name, p in seed_model.named_parameters():
+        torch.testing.assert_close(packed_grads[name], p.grad, **TOL, msg=lambda m: f"{name}: {m}")
+    packed_model.zero_grad(set_to_none=True)
+    seed_model.zero_grad(set_to_none=True)
+
+
+def test_packed_attention_on_padded_and_plain_batches_is_sdpa(models, samples):
+    """A model loaded with the packed attention stays right on the seed's padded micro-batches."""
+    packed_model, seed_model = models
+    batch = collate(samples[:3] + [None])
+    with torch.no_grad():
+        got = packed_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        want = seed_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        keep = batch["attention_mask"].bool()
+        torch.testing.assert_close(got[keep], want[keep], **TOL)
+        plain = collate([samples[0]])["input_ids"]
+        torch.testing.assert_close(packed_model(input_ids=plain).logits, seed_model(input_ids=plain).logits, **TOL)
+
+
+# ---------------------------------------------------------------------------- attention stays inside a sample
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_attention_is_block_diagonal_causal(kv_heads):
+    torch.manual_seed(0)
+    bounds = [0, 3, 7, 12]
+    q = torch.randn(1, 4, 12, 8, requires_grad=True)
+    k = torch.randn(1, kv_heads, 12, 8, requires_grad=True)
+    v = torch.randn(1, kv_heads, 12, 8, requires_grad=True)
+    module = torch.nn.Module()
+    out, _ = packed_sdpa_attention(module, q, k, v, None, cu_seq_lens_q=torch.tensor(bounds, dtype=torch.int32))
+
+    seg = torch.repeat_interleave(torch.arange(3), torch.tensor([3, 4, 5]))
+    allowed = (seg[:, None] == seg[None, :]) & torch.ones(12, 12, dtype=torch.bool).tril()
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=kv_heads != 4).transpose(1, 2)
+    torch.testing.assert_close(out, want, **TOL)
+
+    out[:, 7:].sum().backward()  # the last sample's outputs
+    for t in (q, k, v):
+        assert t.grad[:, :, :7].abs().max() == 0, "a sample's output depends on an earlier sample"
+        assert t.grad[:, :, 7:].abs().max() > 0
+
+
+def test_changing_one_sample_leaves_the_others_unchanged(models, samples):
+    packed_model, _ = models
+    first, rest = samples[0], samples[1:4]
+    other = EncodedSample([first.input_ids[0]] + [5] * (len(first.input_ids) - 1), first.labels, False)
+    with torch.no_grad():
+        a = packed_model(**model_inputs(collate_packed([first, *rest]), "cpu")).logits
+        b = packed_model(**model_inputs(collate_packed([other, *rest]), "cpu")).logits
+    n = len(first.input_ids)
+    assert not torch.allclose(a[:, :n], b[:, :n])
+    torch.testing.assert_close(a[:, n:], b[:, n:], rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------- labels and positions
+
+
+def test_boundary_labels_and_positions(samples):
+    # A first label that is not ignored would train the previous sample's last token on it.
+    odd = EncodedSample(samples[1].input_ids, [samples[1].input_ids[0]] + samples[1].labels[1:], False)
+    batch = collate_packed([samples[0], odd, samples[2]])
+    labels, positions = batch["labels"][0], batch["position_ids"][0]
+    bounds = batch["cu_seq_lens_q"].tolist()
+    assert bounds == [0] + torch.tensor([len(s.input_ids) for s in (samples[0], odd, samples[2])]).cumsum(0).tolist()
+    assert (positions == 0).nonzero().flatten().tolist() == bounds[:-1]
+    assert (labels[bounds[:-1]] == IGNORE_INDEX).all()
+    for (a, b), s in zip(zip(bounds[:-1], bounds[1:]), (samples[0], odd, samples[2])):
+        assert positions[a:b].tolist() == list(range(b - a))
+        assert labels[a + 1 : b].tolist() == s.labels[1:]
+    assert int((labels != IGNORE_INDEX).sum()) == samples[0].num_supervised + samples[1].num_supervised + \
+        samples[2].num_supervised
+    assert batch["max_length_q"] == max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
+
+
+def test_pad_micro_batch_carries_no_loss():
+    batch = collate_packed([])
+    assert batch["input_ids"].shape == (1, 1) and (batch["labels"] == IGNORE_INDEX).all()
+    assert token_ce_sum(torch.randn(1, 1, 7, requires_grad=True), batch["labels"]).item() == 0
+
+
+# ---------------------------------------------------------------------------- the planner
+
+
+@pytest.mark.parametrize("world, budget", [(1, 1024), (2, 1024), (2, 2048), (8, 4096)])
+def test_every_sample_exactly_once_per_epoch_over_all_ranks(world, budget):
+    lengths = dolly_like_lengths(1000)
+    for epoch in range(2):
+        plans = [plan_packed_epoch(lengths, epoch, 7, 64, budget, world, r) for r in range(world)]
+        seed_plan = plan_epoch(len(lengths), epoch, 7, 64, 64, 1, 0)
+        assert all(len(p) == len(seed_plan) == 16 for p in plans)  # ceil(1000 / 64) optimizer steps
+        seen = []
+        for step, (step_slots,) in enumerate(seed_plan):
+            assert len({len(p[step]) for p in plans}) == 1, "ranks disagree on the micro-steps of a step"
+            rows = [row for p in plans for row in p[step]]
+            assert all(sum(lengths[i] for i in row) <= budget for row in rows)
+            step_ids = [i for row in rows for i in row]
+            # The same samples as the seed's step: lr and schedule mean the same thing.
+            assert sorted(step_ids) == sorted(i for i in step_slots if i != PAD_SLOT)
+            seen += step_ids
+        assert sorted(seen) == list(range(len(lengths)))
+    assert plans[0] == plan_packed_epoch(lengths, 1, 7, 64, budget, world, 0)  # deterministic
+    assert plans[0] != plan_packed_epoch(lengths, 0, 7, 64, budget, world, 0)  # reshuffled per epoch
+
+
+def test_rows_are_full_and_few():
+    lengths = dolly_like_lengths(1000)
+    world, budget = 2, 2048
+    plan = [plan_packed_epoch(lengths, 0, 0, 64, budget, world, r) for r in range(world)]
+    micro_steps = sum(len(step) for step in plan[0])
+    assert micro_steps * 4 <= 1000 / world  # the seed runs one sample per micro-step
+    # Each step needs ceil(tokens / (world * budget)) micro-steps, or one more when samples do not fit.
+    for step in range(len(plan[0])):
+        tokens = sum(lengths[i] for p in plan for row in p[step] for i in row)
+        assert len(plan[0][step]) <= -(-tokens // (world * budget)) + 1
+
+
+def test_pack_step_rejects_a_sample_over_the_budget():
+    with pytest.raises(ValueError, match="sample 1 has 9 tokens, over the budget of 8"):
+        pack_step([0, 1], [3, 9], max_tokens=8, num_ranks=1)
+    assert pack_step([], [], max_tokens=8, num_ranks=2) == [[], []]
+
+
+def test_token_counts_seed_and_packed(samples):
+    dataset = SFTDataset(samples, list(range(len(samples))), 0, 0)
+    seed = micro_batches(dataset, [[0, 1], [PAD_SLOT]])
+    width = max(len(samples[0].input_ids), len(samples[1].input_ids))
+    real = len(samples[0].input_ids) + len(samples[1].input_ids)
+    assert token_counts(seed) == (2 * width + 1, 2 * width - real + 1)
+    packed = packed_micro_batches(dataset, [[0, 1], []])
+    assert token_counts(packed) == (real + 1, 1)
+    assert packed[0]["sample_ids"] == [0, 1] and packed[1]["sample_ids"] == []
+
+
+# ---------------------------------------------------------------------------- config
+
+
+def test_config_fields():
+    assert token_budget(TrainConfig(pack=True, max_length=512)) == 512
+    assert token_budget(TrainConfig(pack=True, max_length=512, max_tokens_per_micro_batch=2048)) == 2048
+    for kwargs, message in [
+        ({"max_tokens_per_micro_batch": 2048}, "needs pack: true"),
+        ({"pack": True, "max_tokens_per_micro_batch": 100, "max_length": 512}, ">= max_length 512"),
+        ({"pack": True, "max_tokens_per_micro_batch": -1}, "must be >= 0"),
+        ({"pack": True, "micro_batch_size": 4, "batch_size": 8}, "micro_batch_size must be 1 with pack"),
+    ]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            TrainConfig(**kwargs)
+
+
+# ---------------------------------------------------------------------------- the trainer
+
+
+LOSS = re.compile(r"^step (\d+)/\d+ epoch \d+ loss ([\d.]+)", re.M)
+THROUGHPUT = re.compile(r"throughput: (\d+) micro-steps per rank, (\d+) tokens processed \((\d+) padding\)")
+
+
+def test_trainer_packed_on_two_ranks_matches_seed_on_one(tiny_model_dir, alpaca_file, tmp_path):
+    """Same optimizer steps, same samples, same token-weighted loss: the same loss curve.
+
+    Rows of 256 tokens (samples of 51 to 113) force several micro-batches per step; the seed
+    runs every sample alone on one rank.
+    """
+    common = ["--model_path", str(tiny_model_dir), "--data_path", str(alpaca_file), "--epochs", "1",
+              "--batch_size", "16", "--lr", "5e-3", "--warmup_steps", "1", "--dtype", "fp32",
+              "--max_length", "128", "--gradient_checkpointing", "false"]
+    seed = run([sys.executable, "train_sft.py", *common, "--save_path", str(tmp_path / "seed")])
+    assert seed.returncode == 0, seed.stderr[-3000:]
+    packed = run(["bash", "scripts/train_sft.sh", "--num_gpus", "2", *common, "--save_path", str(tmp_path / "packed"),
+                  "--pack", "true", "--max_tokens_per_micro_batch", "256"])
+    assert packed.returncode == 0, packed.stderr[-3000:]
+
+    seed_curve = [float(m[1]) for m in LOSS.findall(seed.stdout)]
+    packed_curve = [float(m[1]) for m in LOSS.findall(packed.stdout)]
+    assert len(seed_curve) == len(packed_curve) == 3  # ceil(48 / 16)
+    assert packed_curve == pytest.approx(seed_curve, abs=2e-4)
+    seed_micro, _, _ = map(int, THROUGHPUT.search(seed.stdout).groups())
+    micro, processed, padding = map(int, THROUGHPUT.search(packed.stdout).groups())
+    assert seed_micro == 48 and micro < 48 / 2
+    assert padding < 0.05 * processed
