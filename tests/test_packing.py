@@ -242,12 +242,13 @@ LOSS = re.compile(r"^step (\d+)/\d+ epoch \d+ loss ([\d.]+)", re.M)
 THROUGHPUT = re.compile(r"throughput: (\d+) micro-steps per rank, (\d+) tokens processed \((\d+) padding\)")
 
 
-def test_trainer_packed_on_two_ranks_matches_seed_on_one(tiny_model_dir, alpaca_file, tmp_path):
+def test_trainer_packed_on_two_ranks_matches_seed_on_one(tiny_model_dir, alpaca_file, tmp_path, monkeypatch):
     """Same optimizer steps, same samples, same token-weighted loss: the same loss curve.
 
     Rows of 256 tokens (samples of 51 to 113) force several micro-batches per step; the seed
     runs every sample alone on one rank.
     """
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # two ranks on two cores: more threads only contend
     common = ["--model_path", str(tiny_model_dir), "--data_path", str(alpaca_file), "--epochs", "1",
               "--batch_size", "16", "--lr", "5e-3", "--warmup_steps", "1", "--dtype", "fp32",
               "--max_length", "128", "--gradient_checkpointing", "false"]
