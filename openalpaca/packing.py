@@ -207,6 +207,25 @@ def model_inputs(batch: dict[str, Any], device: torch.device | str) -> dict[str,
 # ---------------------------------------------------------------------------- attention
 
 
+def cu_seq_lens_from_positions(position_ids: torch.Tensor) -> torch.Tensor | None:
+    """Sample offsets in the flattened rows, a new sample wherever a position does not follow the last.
+
+    None when every row is a single sequence (nothing is packed).
+
+    >>> cu_seq_lens_from_positions(torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3]])).tolist()
+    [0, 3, 5, 9]
+    >>> cu_seq_lens_from_positions(torch.tensor([[0, 1, 2], [0, 1, 2]])) is None
+    True
+    """
+    batch, length = position_ids.shape
+    starts = torch.ones_like(position_ids, dtype=torch.bool)
+    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    offsets = starts.flatten().nonzero().flatten()
+    if len(offsets) == batch:
+        return None
+    return torch.cat([offsets, offsets.new_tensor([batch * length])]).to(torch.int32)
+
+
 def packed_sdpa_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -216,6 +235,7 @@ def packed_sdpa_attention(
     dropout: float = 0.0,
     scaling: float | None = None,
     cu_seq_lens_q: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """Block-diagonal causal attention: SDPA on each packed sample's segment alone.
@@ -224,7 +244,9 @@ def packed_sdpa_attention(
     ``cu_seq_lens_q`` the rows are read as one flat stream of tokens cut at those offsets (the
     flash-attention varlen convention). A 4D mask over a packed row would spend ``T**2``
     attention work of which only ``sum(n_i**2)`` is kept; this spends only the kept part, with
-    torch's fused causal kernel. Without ``cu_seq_lens_q`` it is plain causal SDPA, and with a
+    torch's fused causal kernel. Without ``cu_seq_lens_q``, samples are found where
+    ``position_ids`` restart (as transformers' flash-attention path does), else each row is one
+    causal sequence (plain SDPA); with a
     padding mask (the mask function registered with it hands over the 2D mask only when a row
     has padding) or a kv cache longer than the queries it builds the dense mask as ``sdpa``
     does, so a model set to this implementation stays right on any batch.
@@ -233,7 +255,8 @@ def packed_sdpa_attention(
     batch, heads, q_len, dim = query.shape
     kv_len = key.shape[2]
     gqa = heads != key.shape[1]
-    drop = dropout if module.training else 0.0
+    if cu_seq_lens_q is None and position_ids is not None and attention_mask is None and q_len == kv_len:
+        cu_seq_lens_q = cu_seq_lens_from_positions(position_ids.expand(batch, q_len))
     if cu_seq_lens_q is not None and attention_mask is None and q_len == kv_len:
         bounds = cu_seq_lens_q.tolist()
         if bounds[-1] != batch * q_len:
@@ -245,7 +268,7 @@ def packed_sdpa_attention(
         q, k, v = flat(query), flat(key), flat(value)
         out = torch.cat(
             [
-                F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], dropout_p=drop,
+                F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], dropout_p=dropout,
                                                is_causal=True, scale=scaling, enable_gqa=gqa)
                 for a, b in zip(bounds[:-1], bounds[1:])
             ],
@@ -261,7 +284,7 @@ def packed_sdpa_attention(
             # A query that is itself padding would see no key at all (NaN); let it see itself.
             own = causal & ~ones.tril(kv_len - q_len - 1)
             mask = (causal & attention_mask[:, None, None, -kv_len:].bool()) | own
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=drop,
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout,
                                          is_causal=mask is None and q_len > 1, scale=scaling, enable_gqa=gqa)
     return out.transpose(1, 2).contiguous(), None
 

@@ -140,6 +140,16 @@ def test_changing_one_sample_leaves_the_others_unchanged(models, samples):
     torch.testing.assert_close(a[:, n:], b[:, n:], rtol=0, atol=1e-6)
 
 
+def test_position_ids_alone_mark_the_samples(models, samples):
+    """Without cu_seq_lens (e.g. another collator), restarting positions still cut the row."""
+    packed_model, _ = models
+    batch = collate_packed(samples[:4])
+    with torch.no_grad():
+        want = packed_model(**model_inputs(batch, "cpu")).logits
+        got = packed_model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
 # ---------------------------------------------------------------------------- labels and positions
 
 
