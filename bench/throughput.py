@@ -19,7 +19,7 @@ third of the records, a response; lognormal lengths give many short samples and 
 truncated at 1024 tokens (statistics printed). Each rank runs one thread (``OMP_NUM_THREADS=1``:
 two ranks on two cores), in both modes.
 
-Numbers come from the trainer's own last line (rank 0): ``throughput: M micro-steps per rank,
+Numbers come from the trainer's own line (rank 0, at the end): ``throughput: M micro-steps per rank,
 T tokens processed (P padding), S supervised, Xs training``; X is the wall time of the
 training loop (no start-up, no final checkpoint). Tokens per second are supervised tokens over
 X; padding_fraction is P / T of the packed run; micro-steps are per rank for the one epoch.
