@@ -28,4 +28,11 @@ if [[ " ${launcher[*]} " != *" --master_port "* ]]; then
   launcher+=(--master_port "$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')")
 fi
 export DS_ACCELERATOR=${DS_ACCELERATOR:-$("$PYTHON" -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')}
+if [[ "$DS_ACCELERATOR" == cpu && -z "${OMP_NUM_THREADS:-}" ]]; then
+  # CPU ranks share the cores: without a cap each rank starts one thread per core and they thrash.
+  ranks=1
+  for ((i = 0; i < ${#launcher[@]}; i++)); do [[ "${launcher[i]}" == --num_gpus ]] && ranks=${launcher[i + 1]}; done
+  cores=$(nproc)
+  export OMP_NUM_THREADS=$(( cores / ranks > 0 ? cores / ranks : 1 ))
+fi
 exec "$PYTHON" -m deepspeed.launcher.runner "${launcher[@]}" train_sft.py "${args[@]}"
