@@ -270,14 +270,18 @@ def train(cfg: TrainConfig, data: Prepared) -> None:
     step = resume(engine, cfg, data.resume_tag) if data.resume_tag else 0
     (save / "logs").mkdir(parents=True, exist_ok=True)
     metrics = MetricsLogger(save / "logs", enabled=rank == 0)
+    split = (f"batch {cfg.batch_size} packed into rows of up to {token_budget(cfg)} tokens" if cfg.pack else
+             f"{world} ranks x {engine.gradient_accumulation_steps()} accumulation x {cfg.micro_batch_size} = "
+             f"batch {cfg.batch_size}")
     if rank == 0:
         save_model_metadata(engine.module, data.tokenizer, cfg.model_path, save)
         (save / CONFIG_NAME).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         print(f"{len(dataset)} samples ({dataset.num_skipped} skipped: prompt longer than max_length, "
-              f"{dataset.num_truncated} truncated), {len(data.eval_set or [])} eval samples; {world} ranks x "
-              f"{engine.gradient_accumulation_steps()} accumulation x {cfg.micro_batch_size} = batch "
-              f"{cfg.batch_size}; {total_steps} steps, starting at {step}")
-    bar = tqdm(total=total_steps, initial=step, disable=rank != 0, desc="train", dynamic_ncols=True)
+              f"{dataset.num_truncated} truncated), {len(data.eval_set or [])} eval samples; {split}; "
+              f"{total_steps} steps, starting at {step}")
+    # Redrawn often on a terminal; in a log file every redraw is a line, so rarely.
+    bar = tqdm(total=total_steps, initial=step, disable=rank != 0, desc="train", dynamic_ncols=True,
+               mininterval=0.5 if sys.stderr.isatty() else 60)
     plan, plan_for, tokens_seen, t0 = None, None, 0, time.time()
     micro_steps, tokens_in, padding = 0, 0, 0  # this rank's, for the throughput line
     loss = last_eval = float("nan")
