@@ -18,12 +18,10 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-import torch
-
 from model.llama import load_model, load_tokenizer
 from model.tiny import llama_config, tokenizer_vocab_size, train_tokenizer, write_tiny_llama
 from openalpaca import synthetic
-from openalpaca.generate import Sampling, generate
+from openalpaca.evaluate import greedy_predictions
 
 
 def make_base(out_dir: Path, hidden_size: int, num_layers: int, num_heads: int, vocab_size: int, seed: int) -> None:
@@ -37,10 +35,7 @@ def make_base(out_dir: Path, hidden_size: int, num_layers: int, num_heads: int, 
 
 
 def predict(model_path: Path, records: Sequence[dict], batch_size: int, max_new_tokens: int) -> list[str]:
-    torch.manual_seed(0)
-    model, tokenizer = load_model(model_path), load_tokenizer(model_path)
-    prompts = [(r["instruction"], r["context"]) for r in records]
-    return generate(model, tokenizer, prompts, Sampling(max_new_tokens=max_new_tokens, greedy=True), batch_size)
+    return greedy_predictions(load_model(model_path), load_tokenizer(model_path), records, batch_size, max_new_tokens)
 
 
 def evaluate(base: Path, trained: Path, heldout: Path, batch_size: int, max_new_tokens: int, show: int,
