@@ -81,6 +81,14 @@ def test_splits_disjoint_by_construction(train: list[dict[str, str]], heldout: l
     assert not train_pairs & {(r["instruction"], r["context"]) for r in heldout}
 
 
+def test_heldout_sums_have_their_mirror_in_train(heldout: list[dict[str, str]]) -> None:
+    for record in heldout:
+        if record["category"] == "add":
+            a, b = (dict(synthetic.item_key(record)[1])[k] for k in "ab")
+            mirror = dict(record, instruction=f"Add {b} and {a} together.")
+            assert a != b and synthetic.split_of(mirror) == "train"
+
+
 def test_item_key_ignores_phrasing() -> None:
     third = {"instruction": "What is the third word?", "context": "cat dog fox", "response": "fox", "category": "nth"}
     number = dict(third, instruction="Copy word number 3 from the list.")
@@ -91,10 +99,11 @@ def test_item_key_ignores_phrasing() -> None:
 
 
 def test_heldout_share_of_item_space() -> None:
-    adds = [{"instruction": f"Add {a} and {b} together.", "context": "", "response": str(a + b), "category": "add"}
-            for a in range(synthetic.MAX_NUMBER + 1) for b in range(synthetic.MAX_NUMBER + 1)]
-    share = sum(synthetic.split_of(r) == "heldout" for r in adds) / len(adds)
-    assert abs(share - synthetic.HELDOUT_PERCENT / 100) < 0.08
+    words = synthetic.WORDS
+    items = [{"instruction": "Count the words.", "context": synthetic.list_context([a, b, c]), "response": "3",
+              "category": "count"} for a in words[:15] for b in words[:15] for c in words[:15]]
+    share = sum(synthetic.split_of(r) == "heldout" for r in items) / len(items)
+    assert abs(share - synthetic.HELDOUT_PERCENT / 100) < 0.03
 
 
 @pytest.mark.parametrize(
@@ -144,7 +153,7 @@ def _answer(record: dict[str, str]) -> str:
     if task == "add":
         return str(int(slots["a"]) + int(slots["b"]))
     if task == "field":
-        return dict(line.split(": ") for line in record["context"].split("\n"))[slots["key"]]
+        return synthetic.context_fields(record["context"])[slots["key"]]
     if task == "repeat":
         return " ".join([slots["word"]] * int(slots["k"]))
     raise AssertionError(task)
@@ -162,7 +171,7 @@ def test_every_response_is_right(train: list[dict[str, str]], heldout: list[dict
         ("What is 15 plus 0 equal to?", "", "add", "15"),
         ("What is the second word?", "Animals: cat dog fox", "nth", "dog"),
         ("Copy word number 1 from the list.", "Animals: cat dog fox", "nth", "cat"),
-        ("What is the color?", "name: owl\ncolor: fox", "field", "fox"),
+        ("What is the color?", "- name: owl\n- color: fox", "field", "fox"),
         ("Say cat 3 times.", "", "repeat", "cat cat cat"),
     ],
 )
