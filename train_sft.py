@@ -35,6 +35,7 @@ from openalpaca.config import (
     steps_per_epoch,
 )
 from openalpaca.data import SFTDataset, micro_batches, plan_epoch, read_alpaca, split_records
+from openalpaca.distributed import init_distributed
 from openalpaca.loss import token_ce_sum
 from openalpaca.metrics import MetricsLogger, plot_losses
 from openalpaca.packing import (
@@ -258,9 +259,7 @@ def eval_loss(engine, eval_set: SFTDataset, cfg: TrainConfig, world: int, rank: 
 
 
 def train(cfg: TrainConfig, data: Prepared) -> None:
-    import deepspeed
-
-    deepspeed.init_distributed()
+    init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -60,6 +61,20 @@ def clean_env() -> dict[str, str]:
     return env
 
 
-def run(cmd: list[str], timeout: int = 300, **kwargs) -> subprocess.CompletedProcess:
-    """Run a repo command from the repository root, as a user would."""
-    return subprocess.run(cmd, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=timeout, **kwargs)
+def run(cmd: list[str], timeout: int = 300, input: str | None = None) -> subprocess.CompletedProcess:
+    """Run a repo command from the repository root, as a user would.
+
+    On a timeout the whole process group goes (the DeepSpeed launcher's ranks too: left running,
+    they would slow every later test) and the test fails with the command's last output.
+    """
+    with subprocess.Popen(cmd, cwd=REPO, env=clean_env(), text=True, start_new_session=True,
+                          stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+        try:
+            out, err = proc.communicate(input, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            pytest.fail(f"timed out after {timeout}s: {' '.join(map(str, cmd))}\n"
+                        f"--- stdout (end) ---\n{out[-3000:]}\n--- stderr (end) ---\n{err[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)

@@ -17,7 +17,6 @@ is compared against.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import shutil
 import socket
@@ -38,22 +37,9 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def extensions_dir() -> str:
-    """A torch-extensions build cache for this interpreter's environment alone.
-
-    DeepSpeed JIT-compiles its CPU shared-memory op into ``~/.cache/torch_extensions`` by default.
-    Two virtual environments sharing that folder (seen here: this repo's and another one) have
-    different include paths, so each build invalidates the other's and every engine start
-    recompiles (~100 s on 2 busy cores instead of ~1 s). Keyed by ``sys.prefix`` it builds once.
-    """
-    key = hashlib.sha1(sys.prefix.encode()).hexdigest()[:12]
-    return str(Path.home() / ".cache" / "torch_extensions" / f"venv-{key}")
-
-
 def single_process_env(port: int | None = None) -> dict[str, str]:
     """Environment for a one-rank DeepSpeed run without a launcher (else it tries mpi4py)."""
     env = dict(os.environ)
-    env.setdefault("TORCH_EXTENSIONS_DIR", extensions_dir())
     env.update(
         RANK="0",
         WORLD_SIZE="1",
@@ -139,11 +125,12 @@ def train_and_save(
     seq_len: int = 16,
 ) -> None:
     """Train ``steps`` steps on random ids, record the engine's logits, save like the trainer."""
-    import deepspeed
     import torch
     import torch.distributed as dist
 
-    deepspeed.init_distributed(dist_backend="gloo")
+    from openalpaca.distributed import init_distributed
+
+    init_distributed(dist_backend="gloo")
     world_size, rank = dist.get_world_size(), dist.get_rank()
     engine = build_engine(model_dir, ds_config(dtype, world_size=world_size), from_config=from_config)
     vocab = engine.module.config.vocab_size

@@ -27,7 +27,15 @@ def assert_checkpoint(save, steps: int) -> dict:
     return yaml.safe_load((save / "train_config.yaml").read_text())
 
 
-def test_one_rank_zero3_loss_goes_down_with_eval_logs_and_plot(tiny_model_dir, alpaca_file, tmp_path):
+def test_one_rank_zero3_loss_goes_down_with_eval_logs_and_plot(tiny_model_dir, alpaca_file, tmp_path, monkeypatch):
+    """Also: a lock left by a killed build of DeepSpeed's CPU shared-memory op does not hang the start.
+
+    Nothing is compiled at all (openalpaca/distributed.py): the extensions folder stays as it was.
+    """
+    extensions = tmp_path / "torch_extensions"
+    (extensions / "deepspeed_shm_comm").mkdir(parents=True)
+    (extensions / "deepspeed_shm_comm" / "lock").touch()
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(extensions))
     save = tmp_path / "out"
     cmd = [sys.executable, "train_sft.py", "--model_path", str(tiny_model_dir), "--data_path", str(alpaca_file),
            "--save_path", str(save), "--micro_batch_size", "4", "--eval_ratio", "0.25", "--eval_steps", "5", *FAST]
@@ -46,6 +54,7 @@ def test_one_rank_zero3_loss_goes_down_with_eval_logs_and_plot(tiny_model_dir, a
     assert (save / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = proc.stdout.splitlines()[-2]
     assert summary.startswith("done: 15 steps") and "eval loss" in summary and "loss.png" in summary
+    assert sorted(p.name for p in extensions.rglob("*")) == ["deepspeed_shm_comm", "lock"]
 
 
 @pytest.mark.parametrize(
