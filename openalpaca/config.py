@@ -43,6 +43,9 @@ class TrainConfig:
     dtype: str = "bf16"
     seed: int = 0
     gradient_checkpointing: bool = True
+    # ZeRO-3 hooks every module to gather its parameters; classes named here (comma-separated,
+    # e.g. LlamaDecoderLayer) are gathered as one unit instead: far fewer hooks, same numbers.
+    zero3_leaf_modules: str = ""
     # throughput (openalpaca/packing.py): same samples per step, fewer and fuller micro-batches
     pack: bool = False  # several samples per micro-batch row, each attending only to itself
     max_tokens_per_micro_batch: int = 0  # token budget of a packed row; 0: max_length

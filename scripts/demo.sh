@@ -14,7 +14,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/python.sh"
 cd "$REPO"
 export PYTHON DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
 OUT=${DEMO_DIR:-ckpt/demo}
-N_TRAIN=${N_TRAIN:-6000}
+N_TRAIN=${N_TRAIN:-30720}
 N_HELDOUT=${N_HELDOUT:-240}
 SAVE="$OUT/openalpaca"
 start=$SECONDS

@@ -72,3 +72,17 @@ def test_bad_input_fails_before_any_model_is_built(tiny_model_dir, alpaca_file, 
     assert proc.returncode == 1
     assert message in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_zero3_leaf_modules_change_nothing_but_the_hooks(tiny_model_dir, alpaca_file, tmp_path):
+    """Gathering whole decoder layers (config/demo.yaml) gives the same loss curve as per-module hooks."""
+    common = [sys.executable, "train_sft.py", "--model_path", str(tiny_model_dir), "--data_path", str(alpaca_file),
+              "--micro_batch_size", "4", "--gradient_checkpointing", "false", *FAST, "--epochs", "1"]
+    plain = run([*common, "--save_path", str(tmp_path / "plain")])
+    leaf = run([*common, "--save_path", str(tmp_path / "leaf"), "--zero3_leaf_modules", "LlamaDecoderLayer"])
+    assert plain.returncode == 0 and leaf.returncode == 0, (plain.stderr[-2000:], leaf.stderr[-2000:])
+    assert len(losses(plain.stdout)) == 6
+    assert losses(leaf.stdout) == pytest.approx(losses(plain.stdout), abs=1e-4)
+    bad = run([*common, "--save_path", str(tmp_path / "bad"), "--zero3_leaf_modules", "LlamaDecoderLayer,Nope"])
+    assert bad.returncode == 1
+    assert "zero3_leaf_modules: the model has no module class Nope (it has " in bad.stderr
