@@ -35,29 +35,8 @@ from transformers import AutoTokenizer, LlamaForCausalLM  # noqa: E402
 from model.tiny import llama_config, tokenizer_vocab_size, train_tokenizer  # noqa: E402
 from openalpaca import synthetic  # noqa: E402
 from openalpaca.evaluate import greedy_predictions  # noqa: E402
-from openalpaca.prompts import IGNORE_INDEX, PAD_ID, EncodedSample, encode_sample  # noqa: E402
-
-
-def parse_weights(text: str) -> dict[str, float]:
-    """``"sort=2,nth=1.5"`` -> ``{"sort": 2.0, "nth": 1.5}`` (tasks not named weigh 1)."""
-    if not text:
-        return {}
-    pairs = (item.split("=") for item in text.split(","))
-    return {task.strip(): float(value) for task, value in pairs}
-
-
-def collate(samples: Sequence[EncodedSample]) -> dict[str, torch.Tensor]:
-    """Right-pad a training batch; pads are neither attended nor supervised."""
-    width = max(len(s.input_ids) for s in samples)
-    input_ids = torch.full((len(samples), width), PAD_ID, dtype=torch.long)
-    labels = torch.full((len(samples), width), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((len(samples), width), dtype=torch.long)
-    for row, s in enumerate(samples):
-        n = len(s.input_ids)
-        input_ids[row, :n] = torch.tensor(s.input_ids)
-        labels[row, :n] = torch.tensor(s.labels)
-        attention_mask[row, :n] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+from openalpaca.data import collate  # noqa: E402
+from openalpaca.prompts import encode_sample  # noqa: E402
 
 
 def lr_lambda(warmup: int, total: int, min_ratio: float):
@@ -124,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
-    weights = parse_weights(args.weights)
+    weights = synthetic.parse_weights(args.weights)
     wall_start = time.perf_counter()
 
     train_records = synthetic.make_split(args.n_train, "train", args.seed, weights=weights)

@@ -421,14 +421,32 @@ def score(records: Sequence[Mapping[str, str]], predictions: Sequence[str]) -> t
     return sum(hits.values()) / len(records), per_task
 
 
+def parse_weights(text: str) -> dict[str, float]:
+    """``"sort=2,nth=1.5"`` -> ``{"sort": 2.0, "nth": 1.5}``; tasks not named weigh 1.
+
+    >>> parse_weights("add=2.5, count=0.5")
+    {'add': 2.5, 'count': 0.5}
+    >>> parse_weights("")
+    {}
+    """
+    weights = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        task, sep, value = item.partition("=")
+        if not sep or task.strip() not in TASKS:
+            raise ValueError(f"task weight {item!r}: want TASK=NUMBER with TASK one of {', '.join(TASKS)}")
+        weights[task.strip()] = float(value)
+    return weights
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out_dir", required=True, type=Path)
     parser.add_argument("--n_train", type=int, default=8000)
     parser.add_argument("--n_heldout", type=int, default=270)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--weights", default="", help='train task mix, e.g. "add=2,count=0.5" (others weigh 1)')
     args = parser.parse_args(argv)
-    train = make_split(args.n_train, "train", args.seed)
+    train = make_split(args.n_train, "train", args.seed, weights=parse_weights(args.weights))
     heldout = make_split(args.n_heldout, "heldout", args.seed)
     write_jsonl(train, args.out_dir / "train.jsonl")
     write_jsonl(heldout, args.out_dir / "heldout.jsonl")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The CPU demo: the whole OpenAlpaca recipe teaches a tiny LLaMA to follow instructions.
 #
-#   bash scripts/demo.sh                      # ~5 minutes on 2 cores; outputs under ckpt/demo/
+#   bash scripts/demo.sh                      # ~4.5 minutes on 2 cores; outputs under ckpt/demo/
 #   bash scripts/demo.sh --epochs 1           # extra flags go to train_sft.py
 #
 # Same code path as the real run: dolly-format data -> process_dataset.py -> scripts/train_sft.sh
@@ -16,6 +16,9 @@ export PYTHON DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
 OUT=${DEMO_DIR:-ckpt/demo}
 N_TRAIN=${N_TRAIN:-30720}
 N_HELDOUT=${N_HELDOUT:-240}
+# Task mix of the train split, e.g. TASK_WEIGHTS=add=2,count=0.5 (the held-out split stays even).
+# Equal by default: a mix favouring the weak tasks scored 0.62 against 0.78 (README, Measured).
+TASK_WEIGHTS=${TASK_WEIGHTS-}
 SAVE="$OUT/openalpaca"
 start=$SECONDS
 started_at=$(date +%s)
@@ -23,7 +26,8 @@ stage() { echo; echo "=== [$((SECONDS - start))s] $*"; }
 
 rm -rf "$OUT" && mkdir -p "$OUT"
 stage "1/6 synthetic dolly-format data (train and held-out, disjoint by construction)"
-"$PYTHON" -m openalpaca.synthetic --out_dir "$OUT/data" --n_train "$N_TRAIN" --n_heldout "$N_HELDOUT" --seed 0
+"$PYTHON" -m openalpaca.synthetic --out_dir "$OUT/data" --n_train "$N_TRAIN" --n_heldout "$N_HELDOUT" --seed 0 \
+    --weights "$TASK_WEIGHTS"
 
 stage "2/6 process_dataset.py: dolly -> Alpaca format"
 "$PYTHON" process_dataset.py --input "$OUT/data/train.jsonl" --output "$OUT/data/openalpaca.json"

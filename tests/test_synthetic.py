@@ -194,6 +194,16 @@ def test_weights_shift_the_mix() -> None:
     assert counts["sort"] == 300 and counts["reverse"] == 100
 
 
+def test_cli_weights_mix_the_train_split_only(tmp_path: Path) -> None:
+    synthetic.main(["--out_dir", str(tmp_path), "--n_train", "110", "--n_heldout", "27", "--weights", "add=3, count=0"])
+    train, heldout = synthetic.read_jsonl(tmp_path / "train.jsonl"), synthetic.read_jsonl(tmp_path / "heldout.jsonl")
+    assert sum(r["category"] == "add" for r in train) == 33 and not any(r["category"] == "count" for r in train)
+    assert {t: sum(r["category"] == t for r in heldout) for t in synthetic.TASKS} == dict.fromkeys(synthetic.TASKS, 3)
+    for bad in ("add", "plus=2"):
+        with pytest.raises(ValueError, match=f"task weight {bad!r}: want TASK=NUMBER"):
+            synthetic.parse_weights(bad)
+
+
 def test_score_and_exact_match(heldout: list[dict[str, str]]) -> None:
     overall, per_task = synthetic.score(heldout, [r["response"] + "\n" for r in heldout])
     assert overall == 1.0 and set(per_task) == set(synthetic.TASKS)
