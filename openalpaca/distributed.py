@@ -23,4 +23,4 @@ def init_distributed(dist_backend: str | None = None) -> None:
     backend_module = importlib.import_module("deepspeed.comm.torch")
     if get_accelerator().device_name() == "cpu":
         backend_module.build_shm_op = lambda: None
-    deepspeed.init_distributed(**({"dist_backend": dist_backend} if dist_backend else {}))
+    deepspeed.init_distributed(dist_backend=dist_backend)  # None: DeepSpeed picks (gloo on CPU)

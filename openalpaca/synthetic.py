@@ -431,10 +431,10 @@ def parse_weights(text: str) -> dict[str, float]:
     """
     weights = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
-        task, sep, value = item.partition("=")
-        if not sep or task.strip() not in TASKS:
+        task, _, value = (piece.strip() for piece in item.partition("="))
+        if task not in TASKS or not re.fullmatch(r"\d+(\.\d*)?|\.\d+", value):
             raise ValueError(f"task weight {item!r}: want TASK=NUMBER with TASK one of {', '.join(TASKS)}")
-        weights[task.strip()] = float(value)
+        weights[task] = float(value)
     return weights
 
 

@@ -199,7 +199,7 @@ def test_cli_weights_mix_the_train_split_only(tmp_path: Path) -> None:
     train, heldout = synthetic.read_jsonl(tmp_path / "train.jsonl"), synthetic.read_jsonl(tmp_path / "heldout.jsonl")
     assert sum(r["category"] == "add" for r in train) == 33 and not any(r["category"] == "count" for r in train)
     assert {t: sum(r["category"] == t for r in heldout) for t in synthetic.TASKS} == dict.fromkeys(synthetic.TASKS, 3)
-    for bad in ("add", "plus=2"):
+    for bad in ("add", "plus=2", "add=two"):
         with pytest.raises(ValueError, match=f"task weight {bad!r}: want TASK=NUMBER"):
             synthetic.parse_weights(bad)
 
