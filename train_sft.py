@@ -55,6 +55,7 @@ DATA_ORDER_KEYS = ("seed", "batch_size", "micro_batch_size", "max_length", "epoc
 # Test hook: "save:N" kills the whole launch (SIGKILL) halfway through writing checkpoint N.
 CRASH_ENV = "OPENALPACA_CRASH_AT"
 CONFIG_NAME = "train_config.yaml"  # the resolved config, written next to every checkpoint
+DS_CONFIG_NAME = "ds_config.json"  # the DeepSpeed JSON as the engine got it ("auto" filled, overrides applied)
 STATE_NAME = "trainer_state_rank{rank}.pt"  # per-rank RNG state inside a checkpoint tag
 ADAPTER_DIR = "adapter"  # the LoRA adapter, peft format, next to the checkpoint
 TRAINER_STATE = "trainer_state.json"  # step, data position and config of a checkpoint, readable without DeepSpeed
@@ -293,6 +294,7 @@ def train(cfg: TrainConfig, data: Prepared) -> None:
     if rank == 0:
         save_model_metadata(engine.module, data.tokenizer, cfg.model_path, save)
         (save / CONFIG_NAME).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        (save / DS_CONFIG_NAME).write_text(json.dumps(data.ds_config, indent=2) + "\n")
         print(f"{len(dataset)} samples ({dataset.num_skipped} skipped: prompt longer than max_length, "
               f"{dataset.num_truncated} truncated), {len(data.eval_set or [])} eval samples; {split}; "
               f"{total_steps} steps, starting at {step}")

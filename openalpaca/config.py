@@ -46,6 +46,10 @@ class TrainConfig:
     # ZeRO-3 hooks every module to gather its parameters; classes named here (comma-separated,
     # e.g. LlamaDecoderLayer) are gathered as one unit instead: far fewer hooks, same numbers.
     zero3_leaf_modules: str = ""
+    # Settings put into the DeepSpeed JSON's zero_optimization block, e.g. for a small model on CPU:
+    # "overlap_comm=false, contiguous_gradients=false". Values are JSON (true, 0, 5e7); the names
+    # must be DeepSpeed's; the batch, lr and schedule are not here: they come from this config.
+    zero_overrides: str = ""
     # throughput (openalpaca/packing.py): same samples per step, fewer and fuller micro-batches
     pack: bool = False  # several samples per micro-batch row, each attending only to itself
     max_tokens_per_micro_batch: int = 0  # token budget of a packed row; 0: max_length
@@ -91,6 +95,10 @@ class TrainConfig:
         elif 0 < self.max_tokens_per_micro_batch < self.max_length:
             problems.append(f"max_tokens_per_micro_batch must be 0 (max_length) or >= max_length {self.max_length} "
                             f"so that every sample fits a row, got {self.max_tokens_per_micro_batch}")
+        try:
+            parse_zero_overrides(self.zero_overrides)
+        except ValueError as err:
+            problems.append(str(err))
         if self.pack and self.micro_batch_size != 1:
             problems.append(f"micro_batch_size must be 1 with pack: true (the token budget decides how many "
                             f"samples a micro-batch holds), got {self.micro_batch_size}")
@@ -99,6 +107,36 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def parse_zero_overrides(text: str) -> dict[str, Any]:
+    """``"overlap_comm=false, reduce_bucket_size=5e7"`` -> ``{"overlap_comm": False, "reduce_bucket_size": 5e7}``.
+
+    >>> parse_zero_overrides("stage3_param_persistence_threshold=0, overlap_comm=false")
+    {'stage3_param_persistence_threshold': 0, 'overlap_comm': False}
+    """
+    overrides: dict[str, Any] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = (piece.strip() for piece in item.partition("="))
+        try:
+            parsed = json.loads(value) if sep and key else None
+        except json.JSONDecodeError:
+            parsed = None
+        if not isinstance(parsed, (bool, int, float)):
+            raise ValueError(f"zero_overrides: {item!r} is not KEY=VALUE with a JSON number or true/false")
+        if key == "stage":
+            raise ValueError("zero_overrides: the ZeRO stage belongs in the DeepSpeed JSON, not here")
+        overrides[key] = parsed
+    return overrides
+
+
+def _zero_config_keys() -> set[str]:
+    """Every key DeepSpeed accepts in ``zero_optimization`` (field names and their JSON aliases)."""
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    return set(DeepSpeedZeroConfig.model_fields) | {
+        f.alias for f in DeepSpeedZeroConfig.model_fields.values() if f.alias
+    }
 
 
 def _check_type(name: str, value: Any, typ: type, source: str) -> Any:
@@ -164,6 +202,7 @@ HELP = {
     "ds_config": "DeepSpeed JSON; its 'auto' values are filled from this config",
     "resume": "continue from the `latest` checkpoint in save_path",
     "pack": "pack several samples into each micro-batch row (block-diagonal attention, no padding)",
+    "zero_overrides": 'zero_optimization settings put into the DeepSpeed JSON, e.g. "overlap_comm=false"',
     "max_tokens_per_micro_batch": "token budget of one packed row, needs --pack true; 0: max_length",
 }
 
@@ -234,6 +273,12 @@ def resolve_ds_config(
 ) -> dict[str, Any]:
     """The DeepSpeed config with every "auto" filled from ``cfg``; disagreements fail, naming the key."""
     ds = json.loads(json.dumps(raw))
+    overrides = parse_zero_overrides(cfg.zero_overrides)
+    if overrides:
+        unknown = sorted(set(overrides) - _zero_config_keys())
+        if unknown:
+            raise ConfigError(f"zero_overrides: DeepSpeed has no zero_optimization setting {', '.join(unknown)}")
+        ds.setdefault("zero_optimization", {}).update(overrides)
     r = _Resolver(path)
     r.fill(ds, "train_batch_size", cfg.batch_size, "")
     r.fill(ds, "train_micro_batch_size_per_gpu", cfg.micro_batch_size, "")

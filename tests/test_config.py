@@ -121,3 +121,37 @@ def test_lora_block_in_yaml(tmp_path):
     path.write_text("lora:\n  rank: 8\n")
     with pytest.raises(ConfigError, match=r"lora\.yaml: unknown key lora\.rank"):
         load_config(["--config", str(path)])
+
+
+def test_zero_overrides_go_into_the_ds_json_and_nothing_else_changes():
+    cfg = TrainConfig(zero_overrides="overlap_comm=false, stage3_param_persistence_threshold=0,"
+                                     " stage3_use_all_reduce_for_fetch_params=true")
+    ds = resolve_ds_config(SEED_DS, cfg, world_size=8, total_steps=470)
+    plain = resolve_ds_config(SEED_DS, TrainConfig(), world_size=8, total_steps=470)
+    zero, plain_zero = ds.pop("zero_optimization"), plain.pop("zero_optimization")
+    assert ds == plain
+    assert zero == {**plain_zero, "overlap_comm": False, "stage3_param_persistence_threshold": 0,
+                    "stage3_use_all_reduce_for_fetch_params": True}
+    assert SEED_DS["zero_optimization"]["overlap_comm"] is True  # the loaded JSON is not edited in place
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("overlap_comm", r"'overlap_comm' is not KEY=VALUE"),
+        ("overlap_comm=no", r"'overlap_comm=no' is not KEY=VALUE"),
+        ("=1", r"'=1' is not KEY=VALUE"),
+        ("stage=2", r"the ZeRO stage belongs in the DeepSpeed JSON"),
+    ],
+)
+def test_malformed_zero_overrides_fail_naming_the_item(tmp_path, text, message):
+    path = tmp_path / "z.yaml"
+    path.write_text(yaml.safe_dump({"zero_overrides": text}))
+    with pytest.raises(ConfigError, match=message) as err:
+        load_config(["--config", str(path)])
+    assert "z.yaml" in str(err.value)
+
+
+def test_a_zero_override_deepspeed_does_not_know_fails_before_training():
+    with pytest.raises(ConfigError, match=r"zero_overrides: DeepSpeed has no zero_optimization setting overlap_com\b"):
+        resolve_ds_config(SEED_DS, TrainConfig(zero_overrides="overlap_com=false"), world_size=1, total_steps=10)

@@ -1,11 +1,13 @@
 """train_sft.py end to end on CPU, ZeRO-3 on 1 rank (2 ranks through the launcher: test_resume.py)."""
 
+import json
 import re
 import sys
 
 import pytest
 import yaml
 
+from openalpaca.config import parse_zero_overrides
 from tests.conftest import REPO, run
 
 LOSS = re.compile(r"^step (\d+)/(\d+) epoch \d+ loss ([\d.]+)", re.M)
@@ -21,7 +23,7 @@ def assert_checkpoint(save, steps: int) -> dict:
     assert (save / "latest").read_text() == tag
     assert (save / tag / "zero_pp_rank_0_mp_rank_00_model_states.pt").is_file()
     for name in ["config.json", "generation_config.json", "tokenizer.model", "tokenizer_config.json",
-                 "train_config.yaml", "zero_to_fp32.py"]:
+                 "train_config.yaml", "ds_config.json", "zero_to_fp32.py"]:
         assert (save / name).is_file(), name
     assert (save / "zero_to_fp32.py").read_text() == (REPO / "scripts" / "zero_to_fp32.py").read_text()
     return yaml.safe_load((save / "train_config.yaml").read_text())
@@ -74,15 +76,20 @@ def test_bad_input_fails_before_any_model_is_built(tiny_model_dir, alpaca_file, 
     assert not (tmp_path / "out").exists()
 
 
-def test_zero3_leaf_modules_change_nothing_but_the_hooks(tiny_model_dir, alpaca_file, tmp_path):
-    """Gathering whole decoder layers (config/demo.yaml) gives the same loss curve as per-module hooks."""
+def test_demo_throughput_settings_change_nothing_but_the_speed(tiny_model_dir, alpaca_file, tmp_path):
+    """config/demo.yaml's ZeRO-3 settings (whole layers gathered at once, zero_overrides) give the same loss curve."""
+    demo = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
+    assert demo["zero3_leaf_modules"] and demo["zero_overrides"]
     common = [sys.executable, "train_sft.py", "--model_path", str(tiny_model_dir), "--data_path", str(alpaca_file),
               "--micro_batch_size", "4", "--gradient_checkpointing", "false", *FAST, "--epochs", "1"]
     plain = run([*common, "--save_path", str(tmp_path / "plain")])
-    leaf = run([*common, "--save_path", str(tmp_path / "leaf"), "--zero3_leaf_modules", "LlamaDecoderLayer"])
-    assert plain.returncode == 0 and leaf.returncode == 0, (plain.stderr[-2000:], leaf.stderr[-2000:])
+    fast = run([*common, "--save_path", str(tmp_path / "fast"), "--zero3_leaf_modules", demo["zero3_leaf_modules"],
+                "--zero_overrides", demo["zero_overrides"]])
+    assert plain.returncode == 0 and fast.returncode == 0, (plain.stderr[-2000:], fast.stderr[-2000:])
     assert len(losses(plain.stdout)) == 6
-    assert losses(leaf.stdout) == pytest.approx(losses(plain.stdout), abs=1e-4)
+    assert losses(fast.stdout) == pytest.approx(losses(plain.stdout), abs=1e-4)
+    written = json.loads((tmp_path / "fast" / "ds_config.json").read_text())["zero_optimization"]
+    assert written.items() >= parse_zero_overrides(demo["zero_overrides"]).items()
     bad = run([*common, "--save_path", str(tmp_path / "bad"), "--zero3_leaf_modules", "LlamaDecoderLayer,Nope"])
     assert bad.returncode == 1
     assert "zero3_leaf_modules: the model has no module class Nope (it has " in bad.stderr
