@@ -93,6 +93,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--warmup", type=int, default=30)
     p.add_argument("--min_lr_ratio", type=float, default=0.0)
     p.add_argument("--weight_decay", type=float, default=0.0)
+    p.add_argument("--loss_per_sample", action="store_true", help="mean over each sample's tokens, then samples")
+    p.add_argument("--no_shuffle", action="store_true", help="take train samples in file order (a curriculum)")
     p.add_argument("--eval_batch", type=int, default=96)
     p.add_argument("--max_new_tokens", type=int, default=12)
     p.add_argument("--show", type=int, default=2, help="held-out misses to print per task")
@@ -136,7 +138,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.warmup, args.steps, args.min_lr_ratio))
-    order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(args.seed)).tolist()
+    order = (list(range(len(samples))) if args.no_shuffle else
+             torch.randperm(len(samples), generator=torch.Generator().manual_seed(args.seed)).tolist())
     cursor, tokens, train_time = 0, 0, 0.0
     model.train()
     for step in range(args.steps):
@@ -146,7 +149,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
             cursor = 0
         batch = collate([samples[i] for i in order[cursor : cursor + args.batch]])
         cursor += args.batch
-        loss = model(**batch).loss
+        if args.loss_per_sample:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+            labels = batch["labels"][:, 1:]
+            ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, reduction="none")
+            loss = (ce.sum(1) / (labels != -100).sum(1).clamp(min=1)).mean()
+        else:
+            loss = model(**batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
