@@ -39,7 +39,7 @@ from model.tiny import llama_config, tokenizer_vocab_size, train_tokenizer  # no
 from openalpaca import synthetic  # noqa: E402
 from openalpaca.data import collate  # noqa: E402
 from openalpaca.evaluate import greedy_predictions  # noqa: E402
-from openalpaca.prompts import encode_sample  # noqa: E402
+from openalpaca.prompts import IGNORE_INDEX, encode_sample  # noqa: E402
 
 
 def lr_lambda(warmup: int, total: int, min_ratio: float):
@@ -152,8 +152,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         if args.loss_per_sample:
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
             labels = batch["labels"][:, 1:]
-            ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, reduction="none")
-            loss = (ce.sum(1) / (labels != -100).sum(1).clamp(min=1)).mean()
+            ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX,
+                                                   reduction="none")
+            loss = (ce.sum(1) / (labels != IGNORE_INDEX).sum(1).clamp(min=1)).mean()
         else:
             loss = model(**batch).loss
         loss.backward()

@@ -28,6 +28,7 @@ from model.llama import load_model  # noqa: E402
 from openalpaca.config import load_config  # noqa: E402
 from openalpaca.distributed import init_distributed  # noqa: E402
 from openalpaca.loss import token_ce_sum  # noqa: E402
+from openalpaca.prompts import IGNORE_INDEX  # noqa: E402
 
 WARMUP, STEPS = 10, 50
 
@@ -61,7 +62,7 @@ def main() -> None:
 
     def loss_of(model, batch):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return token_ce_sum(logits, batch["labels"]) / max(1, int((batch["labels"] != -100).sum()))
+        return token_ce_sum(logits, batch["labels"]) / max(1, int((batch["labels"] != IGNORE_INDEX).sum()))
 
     engine = train_sft.build_engine(cfg, data.ds_config)
     time_steps("deepspeed", lambda b: loss_of(engine, b), engine.backward, engine.step, batches, rank)
