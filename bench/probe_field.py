@@ -1,16 +1,21 @@
-"""Variants of the demo's data for ``bench/probe_demo.py``: why "field" is the demo's hardest task.
+"""Variants of the demo's data for ``bench/probe_demo.py``: what makes the "field" task learnable.
 
-The "field" task asks for the value of a named key (``- color: fox`` ... "What is the color?").
+The "field" task asks for the value of a named key (``- city: Oslo`` ... "What is the city?").
 With the seed's template the context comes *before* the instruction, so the model cannot know
-which key matters while it reads the fields; it has to carry each key to its value and match
-later. This script re-runs the probe with the field task changed in one way at a time, so the
-README's negative results can be reproduced (every flag below is one that was measured):
+which key matters while it reads the fields. The demo's values are typed (a city field holds a
+city), so the answer is the context word of the asked key's kind: learned in a few hundred steps.
+With ``--field_values shared`` every key takes an animal (``- city: fox``, the demo before
+session 4): the model then has to carry each key to its value and match later (associative
+recall), and no variant below made that learnable within the demo's budget. This script re-runs
+the probe with the field task changed in one way at a time, so the README's figures can be
+reproduced (every flag below is one that was measured):
 
     P=".venv/bin/python bench/probe_field.py --threads 1 --vocab_size 1024 --lr 7e-4"
-    $P --only field --steps 1200 --n_train 38400 --eval_every 200
-    $P --only field --field_format adjacent_cap --steps 600 --n_train 19200
-    $P --only field --field_keys 2,2 --steps 600 --n_train 19200
-    $P --phases "12800:;17920:add=2.5,field=2.5,nth=2" --no_shuffle --steps 960 --n_train 30720
+    $P --only field --steps 400 --n_train 12800 --eval_every 100                   # typed: 0.97
+    $P --only field --field_values shared --steps 1200 --n_train 38400 --eval_every 200
+    $P --only field --field_values shared --field_format adjacent_cap --steps 600 --n_train 19200
+    $P --only field --field_values shared --field_keys 2,2 --steps 600 --n_train 19200
+    $P --field_values shared --phases "12800:;17920:add=2.5,field=2.5,nth=2" --no_shuffle --steps 960 --n_train 30720
 
 Flags it does not know go to ``bench/probe_demo.py`` unchanged (``--only TASK`` becomes weights
 that keep only TASK). The demo's own data is never changed by this script.
@@ -53,6 +58,20 @@ def patch_field_format(name: str) -> None:
     if "Key" in template:
         vocabulary = synthetic.vocabulary
         synthetic.vocabulary = lambda: [*vocabulary(), *(k.capitalize() for k in synthetic.KEYS)]
+
+
+def patch_shared_values() -> None:
+    """Field values drawn from the shared animal list (``- city: fox``), as before the demo typed them:
+    the key then only binds to its value by position, pure associative recall."""
+
+    def shared(rng):
+        lo, hi = synthetic.LIST_LENGTHS["field"]
+        keys = rng.sample(synthetic.KEYS, rng.randint(lo, hi))
+        values = rng.sample(synthetic.WORDS, len(keys))
+        key = rng.choice(keys)
+        return {"key": key}, synthetic.field_context(zip(keys, values)), values[keys.index(key)]
+
+    synthetic.GENERATORS["field"] = shared
 
 
 def patch_line_answer() -> None:
@@ -102,6 +121,8 @@ def scale_qk_init(scale: float) -> None:
 def main(argv: Sequence[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--field_format", choices=sorted(FORMATS), default="colon")
+    p.add_argument("--field_values", choices=("typed", "shared"), default="typed",
+                   help="typed: each key's own kind of value (the demo's); shared: animals for every key")
     p.add_argument("--field_answer", choices=("value", "line"), default="value")
     p.add_argument("--field_keys", default="", help="LO,HI fields per context (the demo: 2,4)")
     p.add_argument("--qk_init_scale", type=float, default=1.0)
@@ -109,6 +130,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--only", default="", help="train on this one task kind only")
     args, rest = p.parse_known_args(argv)
     patch_field_format(args.field_format)
+    if args.field_values == "shared":
+        patch_shared_values()
     if args.field_answer == "line":
         patch_line_answer()
     if args.field_keys:

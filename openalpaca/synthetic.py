@@ -43,9 +43,27 @@ WORDS: tuple[str, ...] = (
     "elephant", "kangaroo",
 )
 LIST_LABEL = "Animals:"
-KEYS: tuple[str, ...] = ("name", "color", "city", "food", "tool", "sport", "job", "game")
+# Field records ("- city: Oslo") hold values of their key's own kind, as real records do. With
+# values drawn from one shared list ("- city: fox") the task is pure associative recall, which
+# the demo's 1.3M model did not learn in any recipe tried within the time budget (README, Measured).
+FIELD_VALUES: dict[str, tuple[str, ...]] = {
+    "name": ("Anna", "Ben", "Carl", "Dora", "Emma", "Finn", "Gina", "Hugo"),
+    "color": ("red", "blue", "green", "pink", "gray", "black", "white", "brown"),
+    "city": ("Paris", "Rome", "Oslo", "Lima", "Cairo", "Tokyo", "Delhi", "Dublin"),
+    "food": ("rice", "bread", "soup", "cake", "pasta", "salad", "cheese", "pizza"),
+    "tool": ("hammer", "saw", "drill", "wrench", "knife", "spade", "rake", "axe"),
+    "sport": ("golf", "tennis", "rugby", "hockey", "boxing", "rowing", "skiing", "judo"),
+    "job": ("nurse", "baker", "pilot", "judge", "farmer", "tailor", "miner", "chef"),
+    "game": ("chess", "poker", "bingo", "darts", "dice", "domino", "rummy", "bridge"),
+}
+KEYS: tuple[str, ...] = tuple(FIELD_VALUES)
 ORDINALS: tuple[str, ...] = ("first", "second", "third", "fourth", "fifth", "sixth")
 MAX_NUMBER = 12  # operands of "add" are 0..MAX_NUMBER, so sums stay single tokens
+
+# Tokenizer size of the demo (an upper bound for sentencepiece): 259 ids are bos/eos/unk and byte
+# fallbacks, the rest must hold every word whole, with BPE's intermediate merges on the way.
+# test_every_word_is_one_token checks at this size; adding words may need a larger one.
+TOKENIZER_VOCAB_SIZE = 1024
 
 HELDOUT_PERCENT = 20  # share of the item space reserved for the held-out split
 _SPLIT_SALT = b"openalpaca-synthetic-v1"
@@ -142,7 +160,7 @@ def list_words(context: str) -> list[str]:
 
 
 def field_context(fields: Iterable[tuple[str, str]]) -> str:
-    """A bulleted "key: value" context: ``"- name: owl\n- color: fox"``.
+    """A bulleted "key: value" context: ``"- name: Anna\n- color: red"``.
 
     The bullet keeps each key after a space, so it is the same token ("▁color") as in the
     instruction that names it; a bare key at a line start would be a different token.
@@ -201,7 +219,7 @@ def _gen_add(rng: random.Random) -> tuple[dict[str, object], str, str]:
 def _gen_field(rng: random.Random) -> tuple[dict[str, object], str, str]:
     lo, hi = LIST_LENGTHS["field"]
     keys = rng.sample(KEYS, rng.randint(lo, hi))
-    values = rng.sample(WORDS, len(keys))
+    values = [rng.choice(FIELD_VALUES[k]) for k in keys]
     key = rng.choice(keys)
     return {"key": key}, field_context(zip(keys, values)), values[keys.index(key)]
 
@@ -364,7 +382,8 @@ def read_jsonl(path: str | Path) -> list[Record]:
 def vocabulary() -> list[str]:
     """Every word-like string the data can contain outside the instruction phrasings."""
     numbers = [str(i) for i in range(2 * MAX_NUMBER + 1)]
-    return [*WORDS, *(w.upper() for w in WORDS), *KEYS, *ORDINALS, *numbers, LIST_LABEL.rstrip(":")]
+    values = [v for vs in FIELD_VALUES.values() for v in vs]
+    return [*WORDS, *(w.upper() for w in WORDS), *KEYS, *values, *ORDINALS, *numbers, LIST_LABEL.rstrip(":")]
 
 
 def corpus_texts(repeats: int = 8, seed: int = 0) -> list[str]:
@@ -372,17 +391,17 @@ def corpus_texts(repeats: int = 8, seed: int = 0) -> list[str]:
 
     Sentencepiece BPE merges pairs inside a whitespace-delimited piece until the vocabulary
     size runs out; with a generous ``vocab_size`` every word seen often enough ends up whole.
-    Each word is shown both after a space (``"▁fox"``) and at a line start (``"fox"``, as the
-    first context word and every field name appear after the template's newline), and the
-    instruction phrasings are shown with every slot value, so instructions are short too.
+    Each word is shown after a space (``"▁fox"``), the only way the data holds it: contexts put
+    a label or a bullet first on every line, and an answer is encoded on its own (a leading
+    "▁"). A line-start variant of every word (``"fox"``) would take a second piece each and
+    crowd words out of the vocabulary. The instruction phrasings are shown with every slot
+    value, so instructions are short too.
     """
     rng = random.Random(f"{seed}:corpus")
     vocab = vocabulary()
     texts: list[str] = []
     for _ in range(repeats):
-        shuffled = rng.sample(vocab, len(vocab))
-        texts.append(" ".join(shuffled))
-        texts.append("\n".join(shuffled))
+        texts.append(build_prompt("x", list_context(rng.sample(vocab, len(vocab)))))
     slot_values = {
         "ordinal": ORDINALS,
         "n": [str(i + 1) for i in range(len(ORDINALS))],

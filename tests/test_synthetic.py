@@ -35,7 +35,7 @@ def tokenizer(tmp_path_factory: pytest.TempPathFactory):
     from model.tiny import train_tokenizer
 
     out = tmp_path_factory.mktemp("tok")
-    train_tokenizer(synthetic.corpus_texts(), out, vocab_size=4096)
+    train_tokenizer(synthetic.corpus_texts(), out, vocab_size=synthetic.TOKENIZER_VOCAB_SIZE)
     return AutoTokenizer.from_pretrained(out)
 
 
@@ -171,13 +171,24 @@ def test_every_response_is_right(train: list[dict[str, str]], heldout: list[dict
         ("What is 15 plus 0 equal to?", "", "add", "15"),
         ("What is the second word?", "Animals: cat dog fox", "nth", "dog"),
         ("Copy word number 1 from the list.", "Animals: cat dog fox", "nth", "cat"),
-        ("What is the color?", "- name: owl\n- color: fox", "field", "fox"),
+        ("What is the color?", "- name: Anna\n- color: red", "field", "red"),
         ("Say cat 3 times.", "", "repeat", "cat cat cat"),
     ],
 )
 def test_hand_checked_slot_answers(instruction: str, context: str, task: str, response: str) -> None:
     record = {"instruction": instruction, "context": context, "response": response, "category": task}
     assert _answer(record) == response
+
+
+def test_field_values_are_of_their_keys_kind(train: list[dict[str, str]]) -> None:
+    """Every field holds a value from its own key's list, so a record reads like a real one."""
+    fields = [f for r in train if r["category"] == "field" for f in synthetic.context_fields(r["context"]).items()]
+    assert len(fields) > 20
+    for key, value in fields:
+        assert value in synthetic.FIELD_VALUES[key], (key, value)
+    kinds = list(synthetic.FIELD_VALUES.values())
+    assert len({v for vs in kinds for v in vs}) == sum(map(len, kinds)), "a value belongs to two keys"
+    assert not {v for vs in kinds for v in vs} & set(synthetic.WORDS)
 
 
 def test_longest_is_unique(train: list[dict[str, str]]) -> None:
