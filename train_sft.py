@@ -36,7 +36,7 @@ from openalpaca.config import (
 )
 from openalpaca.data import SFTDataset, micro_batches, plan_epoch, read_alpaca, split_records
 from openalpaca.distributed import init_distributed
-from openalpaca.loss import token_ce_sum
+from openalpaca.loss import sft_ce_sum
 from openalpaca.metrics import MetricsLogger, plot_losses
 from openalpaca.packing import (
     attention_implementation,
@@ -251,8 +251,7 @@ def train_step(engine, batches: list[dict], world: int) -> tuple[float, float]:
     for i, batch in enumerate(batches):
         # A packed step has as many micro-batches as its samples need: say which one ends it.
         engine.set_gradient_accumulation_boundary(i == len(batches) - 1)
-        logits = engine(**model_inputs(batch, engine.device)).logits
-        ce = token_ce_sum(logits, batch["labels"].to(engine.device))
+        ce = sft_ce_sum(engine, model_inputs(batch, engine.device), batch["labels"].to(engine.device))
         # DeepSpeed divides by gas and averages over ranks; undo both so the gradient is sum / n_tokens.
         engine.backward(ce * (gas * world / n_tokens))
         engine.step()
@@ -269,9 +268,8 @@ def eval_loss(engine, eval_set: SFTDataset, cfg: TrainConfig, world: int, rank: 
     engine.eval()
     ce, n = torch.zeros((), dtype=torch.float64), 0
     for batch in micro_batches(eval_set, plan):
-        logits = engine(input_ids=batch["input_ids"].to(engine.device),
-                        attention_mask=batch["attention_mask"].to(engine.device)).logits
-        ce += token_ce_sum(logits, batch["labels"].to(engine.device)).double().cpu()
+        inputs = {k: batch[k].to(engine.device) for k in ("input_ids", "attention_mask")}
+        ce += sft_ce_sum(engine, inputs, batch["labels"].to(engine.device)).double().cpu()
         n += (batch["labels"] != IGNORE_INDEX).sum().item()
     engine.train()
     return all_reduce_sum(ce, engine.device) / all_reduce_sum(n, engine.device)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -20,3 +22,27 @@ def token_ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         ignore_index=IGNORE_INDEX,
         reduction="sum",
     )
+
+
+def scored_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Where a logit is scored: ``mask[b, t]`` is True when ``labels[b, t + 1]`` is supervised.
+
+    >>> scored_positions(torch.tensor([[-100, -100, -100, 9, 2], [-100, 5, 2, -100, -100]])).int().tolist()
+    [[0, 0, 1, 1, 0], [1, 1, 0, 0, 0]]
+    """
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    mask[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    return mask
+
+
+def sft_ce_sum(model: Any, inputs: dict[str, Any], labels: torch.Tensor) -> torch.Tensor:
+    """``token_ce_sum`` of ``model(**inputs)``, with the LM head run on the scored positions only.
+
+    In SFT the prompt is most of a sequence and none of it is scored (the demo scores 9% of its
+    positions), so projecting every position onto the vocabulary is wasted work: transformers'
+    ``logits_to_keep`` (a boolean mask) gathers the scored hidden states before ``lm_head``.
+    Same value and gradients as the full logits (tested); ``model`` may be a DeepSpeed engine.
+    """
+    mask = scored_positions(labels)
+    logits = model(**inputs, logits_to_keep=mask).logits
+    return F.cross_entropy(logits.float(), labels[:, 1:][mask[:, :-1]], reduction="sum")
