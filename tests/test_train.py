@@ -77,15 +77,19 @@ def test_bad_input_fails_before_any_model_is_built(tiny_model_dir, alpaca_file, 
 
 
 def test_demo_throughput_settings_change_nothing_but_the_speed(tiny_model_dir, alpaca_file, tmp_path):
-    """config/demo.yaml's ZeRO-3 settings (whole layers gathered at once, zero_overrides) give the same loss curve."""
+    """config/demo.yaml's speed settings (packing, whole layers gathered at once, zero_overrides) give the
+    same loss curve as padded micro-batches with plain ZeRO-3."""
     demo = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
-    assert demo["zero3_leaf_modules"] and demo["zero_overrides"]
+    assert demo["pack"] and demo["zero3_leaf_modules"] and demo["zero_overrides"]
     common = [sys.executable, "train_sft.py", "--model_path", str(tiny_model_dir), "--data_path", str(alpaca_file),
-              "--micro_batch_size", "4", "--gradient_checkpointing", "false", *FAST, "--epochs", "1"]
-    plain = run([*common, "--save_path", str(tmp_path / "plain")])
-    fast = run([*common, "--save_path", str(tmp_path / "fast"), "--zero3_leaf_modules", demo["zero3_leaf_modules"],
-                "--zero_overrides", demo["zero_overrides"]])
+              "--gradient_checkpointing", "false", *FAST, "--epochs", "1"]
+    plain = run([*common, "--save_path", str(tmp_path / "plain"), "--micro_batch_size", "4"])
+    fast = run([*common, "--save_path", str(tmp_path / "fast"), "--pack", "true",
+                "--micro_batch_size", str(demo["micro_batch_size"]),
+                "--max_tokens_per_micro_batch", str(demo["max_tokens_per_micro_batch"]),
+                "--zero3_leaf_modules", demo["zero3_leaf_modules"], "--zero_overrides", demo["zero_overrides"]])
     assert plain.returncode == 0 and fast.returncode == 0, (plain.stderr[-2000:], fast.stderr[-2000:])
+    assert "packed into rows of up to" in fast.stdout and "tokens processed (0 padding)" in fast.stdout
     assert len(losses(plain.stdout)) == 6
     assert losses(fast.stdout) == pytest.approx(losses(plain.stdout), abs=1e-4)
     written = json.loads((tmp_path / "fast" / "ds_config.json").read_text())["zero_optimization"]
