@@ -7,7 +7,8 @@ exactly those with the demo's own pieces: ``train_tokenizer`` on ``corpus_texts(
 ``encode_sample`` for the training layout (loss only on the response), ``llama_config`` for
 the model and ``greedy_predictions`` for held-out exact match, before and after training.
 
-    .venv/bin/python bench/probe_demo.py --lr 7e-4 --steps 960 --n_train 30720   # the demo's recipe
+    .venv/bin/python bench/probe_demo.py --threads 1 --lr 7e-4 --steps 1300 --n_train 41600 \
+        --weights field=2,nth=2,add=2                                           # the demo's recipe
     .venv/bin/python bench/probe_demo.py --hidden 192 --lr 3e-3 --steps 400
 
 The defaults (lr 2e-3, 600 steps) are the starting point the README's early probe figures vary
