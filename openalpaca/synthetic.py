@@ -14,8 +14,9 @@ held-out generator keeps only them. ``split_of(record)`` recomputes the bucket f
 alone, so anyone can check a file (the tests do).
 
 Word lists are chosen so that, with a tokenizer trained on ``corpus_texts()``, every word is
-one token (lower case, upper case, at a line start and after a space): the model then learns
-relations between whole-word tokens, which a tiny model can do in a few hundred steps.
+one token (lower and upper case, after a space, where the data puts every word) at the demo's
+``TOKENIZER_VOCAB_SIZE``: the model then learns relations between whole-word tokens, which a
+tiny model can do in a few hundred steps.
 """
 
 from __future__ import annotations
