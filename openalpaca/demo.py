@@ -65,7 +65,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     b.add_argument("--hidden_size", type=int, default=128, help="model width")
     b.add_argument("--num_layers", type=int, default=4, help="decoder layers")
     b.add_argument("--num_heads", type=int, default=4, help="attention heads")
-    b.add_argument("--vocab_size", type=int, default=synthetic.TOKENIZER_VOCAB_SIZE, help="upper bound on the tokenizer's vocabulary")
+    b.add_argument("--vocab_size", type=int, default=synthetic.TOKENIZER_VOCAB_SIZE,
+                   help="upper bound on the tokenizer's vocabulary")
     b.add_argument("--seed", type=int, default=0, help="seed of the tokenizer corpus and the weights")
     e = sub.add_parser("eval", help="held-out exact match before and after training")
     e.add_argument("--base", type=Path, required=True, help="the base model folder")

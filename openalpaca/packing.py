@@ -33,12 +33,16 @@ DeepSpeed where the step ends (``engine.set_gradient_accumulation_boundary``).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
+import inspect
 import math
 from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from openalpaca.config import TrainConfig
 from openalpaca.data import PAD_SLOT, SFTDataset, plan_epoch
@@ -226,6 +230,78 @@ def cu_seq_lens_from_positions(position_ids: torch.Tensor) -> torch.Tensor | Non
     return torch.cat([offsets, offsets.new_tensor([batch * length])]).to(torch.int32)
 
 
+def _segment_kernels(query: torch.Tensor):
+    """SDPA backends for the per-sample segments: on CUDA, not cuDNN's.
+
+    cuDNN attention builds an execution plan per new shape, and packed samples come in every
+    length: on an H100 (torch 2.11) each call spent ~2.7 ms of CPU time planning, 25x the GPU
+    time of the whole step's attention. Flash and memory-efficient kernels take any length.
+    """
+    if not query.is_cuda:
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
+def segment_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bounds: list[int],
+                      dropout: float = 0.0, scaling: float | None = None) -> torch.Tensor:
+    """Causal SDPA on each sample's segment of the flattened rows: ``(batch, tokens, heads, head_dim)``."""
+    batch, heads, q_len, dim = query.shape
+    if bounds[-1] != batch * q_len:
+        raise ValueError(f"cu_seq_lens_q ends at {bounds[-1]}, but the batch holds {batch * q_len} tokens")
+
+    def flat(t: torch.Tensor) -> torch.Tensor:
+        return t.transpose(0, 1).reshape(1, t.shape[1], batch * q_len, dim)
+
+    # split, not slices: a slice's backward writes its gradient into a zeroed copy of the
+    # whole row, once per sample (O(samples x tokens) memory traffic); split's is one cat.
+    lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+    segments = zip(*(flat(t).split(lengths, dim=2) for t in (query, key, value)))
+    with _segment_kernels(query):
+        out = torch.cat(
+            [F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling,
+                                            enable_gqa=heads != key.shape[1]) for q, k, v in segments],
+            dim=2,
+        )
+    return out.reshape(heads, batch, q_len, dim).permute(1, 2, 0, 3).contiguous()
+
+
+def varlen_kernel(query: torch.Tensor, key: torch.Tensor, dropout: float):
+    """torch's own flash-attention varlen kernel, causal, where it applies; else None.
+
+    ``torch.nn.attention.varlen.varlen_attn`` (CUDA, fp16/bf16, no dropout) runs every packed
+    sample in one kernel, with no per-sample Python loop. Its causal switch moved between torch
+    releases (``is_causal=True``, later ``window_size=(-1, 0)``); both are handled. Heads must
+    match (no grouped-query attention here, as in LLaMA-7B).
+    """
+    if not query.is_cuda or dropout or query.dtype not in (torch.float16, torch.bfloat16):
+        return None
+    if query.shape[1] != key.shape[1]:
+        return None
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    if "is_causal" in inspect.signature(varlen_attn).parameters:
+        return functools.partial(varlen_attn, is_causal=True)
+    return functools.partial(varlen_attn, window_size=(-1, 0))
+
+
+def varlen_attention(kernel, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     cu_seq_lens: torch.Tensor, scaling: float | None = None) -> torch.Tensor:
+    """``kernel`` (``varlen_kernel``) over the flattened rows: ``(batch, tokens, heads, head_dim)``."""
+    batch, heads, q_len, dim = query.shape
+    cu = cu_seq_lens.to(device=query.device, dtype=torch.int32)
+    total, max_len = torch.stack([cu[-1], (cu[1:] - cu[:-1]).max()]).tolist()  # one host sync
+    if total != batch * q_len:
+        raise ValueError(f"cu_seq_lens_q ends at {total}, but the batch holds {batch * q_len} tokens")
+
+    def flat(t: torch.Tensor) -> torch.Tensor:  # (batch, heads, tokens, dim) -> (batch * tokens, heads, dim)
+        return t.transpose(1, 2).reshape(batch * q_len, t.shape[1], dim)
+
+    out = kernel(flat(query), flat(key), flat(value), cu, cu, max_len, max_len, scale=scaling)
+    return out.reshape(batch, q_len, heads, dim)
+
+
 def packed_sdpa_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -243,10 +319,11 @@ def packed_sdpa_attention(
     ``query`` is ``(batch, heads, tokens, head_dim)`` as transformers passes it; with
     ``cu_seq_lens_q`` the rows are read as one flat stream of tokens cut at those offsets (the
     flash-attention varlen convention). A 4D mask over a packed row would spend ``T**2``
-    attention work of which only ``sum(n_i**2)`` is kept; this spends only the kept part, with
-    torch's fused causal kernel. Without ``cu_seq_lens_q``, samples are found where
-    ``position_ids`` restart (as transformers' flash-attention path does), else each row is one
-    causal sequence (plain SDPA); with a
+    attention work of which only ``sum(n_i**2)`` is kept; this spends only the kept part: on a
+    GPU in one call of torch's flash varlen kernel where torch has it (``varlen_kernel``), else
+    with torch's fused causal kernel on each segment (``segment_attention``). Without
+    ``cu_seq_lens_q``, samples are found where ``position_ids`` restart (as transformers'
+    flash-attention path does), else each row is one causal sequence (plain SDPA); with a
     padding mask (the mask function registered with it hands over the 2D mask only when a row
     has padding) or a kv cache longer than the queries it builds the dense mask as ``sdpa``
     does, so a model set to this implementation stays right on any batch.
@@ -258,23 +335,10 @@ def packed_sdpa_attention(
     if cu_seq_lens_q is None and position_ids is not None and attention_mask is None and q_len == kv_len:
         cu_seq_lens_q = cu_seq_lens_from_positions(position_ids.expand(batch, q_len))
     if cu_seq_lens_q is not None and attention_mask is None and q_len == kv_len:
-        bounds = cu_seq_lens_q.tolist()
-        if bounds[-1] != batch * q_len:
-            raise ValueError(f"cu_seq_lens_q ends at {bounds[-1]}, but the batch holds {batch * q_len} tokens")
-
-        def flat(t: torch.Tensor) -> torch.Tensor:
-            return t.transpose(0, 1).reshape(1, t.shape[1], batch * q_len, dim)
-
-        q, k, v = flat(query), flat(key), flat(value)
-        out = torch.cat(
-            [
-                F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], dropout_p=dropout,
-                                               is_causal=True, scale=scaling, enable_gqa=gqa)
-                for a, b in zip(bounds[:-1], bounds[1:])
-            ],
-            dim=2,
-        )
-        return out.reshape(heads, batch, q_len, dim).permute(1, 2, 0, 3).contiguous(), None
+        varlen = varlen_kernel(query, key, dropout)
+        if varlen is not None:
+            return varlen_attention(varlen, query, key, value, cu_seq_lens_q, scaling), None
+        return segment_attention(query, key, value, cu_seq_lens_q.tolist(), dropout, scaling), None
     mask = None
     if attention_mask is not None or q_len != kv_len:
         ones = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device)
@@ -308,7 +372,8 @@ def attention_implementation(pack: bool) -> str | None:
 
     Packed rows need attention that reads ``cu_seq_lens``: flash-attention 2's varlen kernel
     when a GPU and ``flash_attn`` are there (transformers passes ``cu_seq_lens_*`` to it), else
-    the per-segment SDPA registered here.
+    the attention registered here: torch's own varlen kernel on a GPU where torch has it, else
+    SDPA on each sample's segment.
     """
     if not pack:
         return None

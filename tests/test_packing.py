@@ -26,8 +26,11 @@ from openalpaca.packing import (
     packed_sdpa_attention,
     plan_packed_epoch,
     register_packed_attention,
+    segment_attention,
     token_budget,
     token_counts,
+    varlen_attention,
+    varlen_kernel,
 )
 from openalpaca.prompts import IGNORE_INDEX, EncodedSample
 from tests.conftest import make_records, run
@@ -126,6 +129,31 @@ def test_attention_is_block_diagonal_causal(kv_heads):
     for t in (q, k, v):
         assert t.grad[:, :, :7].abs().max() == 0, "a sample's output depends on an earlier sample"
         assert t.grad[:, :, 7:].abs().max() > 0
+
+
+def test_varlen_layout_matches_per_sample_attention():
+    """varlen_attention's reshapes hand a (tokens, heads, dim) kernel the rows as one stream and read it back.
+
+    torch's varlen kernel is CUDA-only (checked against per-sample SDPA on an H100 by bench/mfu.py);
+    here a CPU kernel with its calling convention stands in, over 2 rows of 2 samples each.
+    """
+    torch.manual_seed(0)
+    bounds = [0, 3, 10, 16, 20]  # 2 rows of 10 tokens: samples of 3 + 7, then 6 + 4
+
+    def kernel(q, k, v, cu_q, cu_k, max_q, max_k, scale=None):
+        assert q.shape == (20, 4, 8) and cu_q.dtype == torch.int32 and (max_q, max_k) == (7, 7)
+        cuts = cu_q.tolist()
+        return torch.cat([F.scaled_dot_product_attention(*(t[a:b].transpose(0, 1) for t in (q, k, v)), is_causal=True,
+                                                         scale=scale).transpose(0, 1)
+                          for a, b in zip(cuts[:-1], cuts[1:])])
+
+    q, k, v = (torch.randn(2, 4, 10, 8) for _ in range(3))
+    got = varlen_attention(kernel, q, k, v, torch.tensor(bounds))
+    torch.testing.assert_close(got, segment_attention(q, k, v, bounds), **TOL)
+    assert got.shape == (2, 10, 4, 8)
+    with pytest.raises(ValueError, match="ends at 19, but the batch holds 20 tokens"):
+        varlen_attention(kernel, q, k, v, torch.tensor([0, 3, 10, 16, 19]))
+    assert varlen_kernel(q.bfloat16(), k, 0.0) is None  # CPU: the per-sample path
 
 
 def test_changing_one_sample_leaves_the_others_unchanged(models, samples):
