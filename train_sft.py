@@ -268,8 +268,7 @@ def eval_loss(engine, eval_set: SFTDataset, cfg: TrainConfig, world: int, rank: 
     engine.eval()
     ce, n = torch.zeros((), dtype=torch.float64), 0
     for batch in micro_batches(eval_set, plan):
-        inputs = {k: batch[k].to(engine.device) for k in ("input_ids", "attention_mask")}
-        ce += sft_ce_sum(engine, inputs, batch["labels"].to(engine.device)).double().cpu()
+        ce += sft_ce_sum(engine, model_inputs(batch, engine.device), batch["labels"].to(engine.device)).double().cpu()
         n += (batch["labels"] != IGNORE_INDEX).sum().item()
     engine.train()
     return all_reduce_sum(ce, engine.device) / all_reduce_sum(n, engine.device)

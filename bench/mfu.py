@@ -42,8 +42,8 @@ from openalpaca.packing import (  # noqa: E402
     collate_packed,
     model_inputs,
     segment_attention,
+    torch_varlen_attn,
     varlen_attention,
-    varlen_kernel,
 )
 from openalpaca.prompts import BOS_ID, EOS_ID, IGNORE_INDEX, EncodedSample  # noqa: E402
 
@@ -86,8 +86,7 @@ def step_flops(row: list[EncodedSample], config: LlamaConfig, n_body: int) -> fl
 
 def check_attention(device: torch.device) -> None:
     """torch's varlen kernel against per-sample SDPA on one random packed bf16 row: outputs and gradients."""
-    kernel = varlen_kernel(torch.empty(1, 1, 1, 1, device=device, dtype=torch.bfloat16),
-                            torch.empty(1, 1, 1, 1), 0.0)
+    kernel = torch_varlen_attn()
     if kernel is None:
         print("attention check: torch's varlen kernel is not available here; per-sample SDPA is used")
         return
@@ -95,19 +94,17 @@ def check_attention(device: torch.device) -> None:
     lengths = [1, 7, 64, 200, 513, 1024, 300]
     cu = torch.tensor([0] + lengths, device=device).cumsum(0).to(torch.int32)
     shape = (1, 16, sum(lengths), 128)
-    diffs = []
-    grads = []
-    for path in ("varlen", "segments"):
+
+    def out_and_grads(attend) -> list[torch.Tensor]:
         qkv = [torch.randn(shape, device=device, dtype=torch.bfloat16, generator=gen.manual_seed(i)).requires_grad_()
                for i in range(3)]
-        if path == "varlen":
-            out = varlen_attention(kernel, *qkv, cu)
-        else:
-            out = segment_attention(*qkv, cu.tolist())
+        out = attend(*qkv)
         out.float().square().sum().backward()
-        grads.append([out.detach().float()] + [t.grad.float() for t in qkv])
-    for a, b in zip(*grads):
-        diffs.append(float((a - b).abs().max()))
+        return [out.detach().float()] + [t.grad.float() for t in qkv]
+
+    varlen = out_and_grads(lambda q, k, v: varlen_attention(kernel, q, k, v, cu))
+    segments = out_and_grads(lambda q, k, v: segment_attention(q, k, v, cu.tolist()))
+    diffs = [float((a - b).abs().max()) for a, b in zip(varlen, segments)]
     print(f"attention check (bf16, samples of {lengths} tokens): varlen vs per-sample SDPA, max |diff| "
           f"out {diffs[0]:.2e}, grad q/k/v {diffs[1]:.2e}/{diffs[2]:.2e}/{diffs[3]:.2e}")
 

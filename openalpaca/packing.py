@@ -265,18 +265,13 @@ def segment_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     return out.reshape(heads, batch, q_len, dim).permute(1, 2, 0, 3).contiguous()
 
 
-def varlen_kernel(query: torch.Tensor, key: torch.Tensor, dropout: float):
-    """torch's own flash-attention varlen kernel, causal, where it applies; else None.
+@functools.cache
+def torch_varlen_attn():
+    """``torch.nn.attention.varlen.varlen_attn`` made causal, or None where this torch lacks it.
 
-    ``torch.nn.attention.varlen.varlen_attn`` (CUDA, fp16/bf16, no dropout) runs every packed
-    sample in one kernel, with no per-sample Python loop. Its causal switch moved between torch
-    releases (``is_causal=True``, later ``window_size=(-1, 0)``); both are handled. Heads must
-    match (no grouped-query attention here, as in LLaMA-7B).
+    Its causal switch moved between torch releases (``is_causal=True``, later
+    ``window_size=(-1, 0)``); both are handled. Looked up once, not in every attention call.
     """
-    if not query.is_cuda or dropout or query.dtype not in (torch.float16, torch.bfloat16):
-        return None
-    if query.shape[1] != key.shape[1]:
-        return None
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
@@ -284,6 +279,19 @@ def varlen_kernel(query: torch.Tensor, key: torch.Tensor, dropout: float):
     if "is_causal" in inspect.signature(varlen_attn).parameters:
         return functools.partial(varlen_attn, is_causal=True)
     return functools.partial(varlen_attn, window_size=(-1, 0))
+
+
+def varlen_kernel(query: torch.Tensor, key: torch.Tensor, dropout: float):
+    """torch's own flash-attention varlen kernel, causal, where it applies to these tensors; else None.
+
+    It (CUDA, fp16/bf16, no dropout) runs every packed sample in one kernel, with no per-sample
+    Python loop. Heads must match (no grouped-query attention here, as in LLaMA-7B).
+    """
+    if not query.is_cuda or dropout or query.dtype not in (torch.float16, torch.bfloat16):
+        return None
+    if query.shape[1] != key.shape[1]:
+        return None
+    return torch_varlen_attn()
 
 
 def varlen_attention(kernel, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
