@@ -6,7 +6,9 @@
     python inference.py --input_file questions.jsonl --output_file answers.jsonl
 
 Sampling defaults are the seed's (top-k 50, top-p 0.9, 128 new tokens); ``--greedy`` decodes
-deterministically.
+deterministically. The prompt's token layout is the one the model was trained with, read from
+``train_config.yaml`` in the model folder; a folder without one (such as the published
+``openllmplayground/openalpaca_7b_preview_3bt``) gets the seed README's snippet, ``[1, 1, P, 2, 1]``.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ import torch
 from tqdm import tqdm
 
 from model.llama import TORCH_DTYPES, ModelPathError, check_model_folder, load_model, load_tokenizer
-from openalpaca.generate import Sampling, generate
+from openalpaca.generate import Sampling, generate, trained_layout
+from openalpaca.prompts import LAYOUTS
 from openalpaca.records import DataError, atomic_write, check_output, read_records
 
 
@@ -40,8 +43,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--top_k", type=int, default=50, help="sample from the k most likely tokens")
     p.add_argument("--top_p", type=float, default=0.9, help="nucleus sampling threshold")
     p.add_argument("--seed", type=int, default=None, help="seed for sampling (reproducible answers)")
-    p.add_argument("--dtype", choices=sorted(TORCH_DTYPES), default=None,
-                   help="weights dtype (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--layout", choices=LAYOUTS, default=None,
+                   help="prompt token layout (default: the model folder's train_config.yaml, else original)")
+    p.add_argument("--dtype", choices=sorted(TORCH_DTYPES), default="fp32",
+                   help="weights dtype (default fp32, as the seed's snippet; bf16 halves the memory on a GPU)")
     p.add_argument("--device", default=None, help="cuda, cpu, cuda:1 ... (default: cuda if available)")
     args = p.parse_args(argv)
     if sum([args.instruction is not None, args.interactive, args.input_file is not None]) != 1:
@@ -54,13 +59,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def load(args: argparse.Namespace):
     check_model_folder(args.model_path)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     tokenizer = load_tokenizer(args.model_path)
-    model = load_model(args.model_path, dtype).to(device)
+    model = load_model(args.model_path, args.dtype).to(device)
     return model, tokenizer
 
 
-def interactive(model, tokenizer, sampling: Sampling) -> None:
+def interactive(model, tokenizer, sampling: Sampling, layout: str) -> None:
     from transformers import TextStreamer
 
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
@@ -72,7 +76,7 @@ def interactive(model, tokenizer, sampling: Sampling) -> None:
             break
         if not instruction:
             break
-        generate(model, tokenizer, [(instruction, "")], sampling, batch_size=1, streamer=streamer)
+        generate(model, tokenizer, [(instruction, "")], sampling, batch_size=1, streamer=streamer, layout=layout)
 
 
 def read_questions(args: argparse.Namespace) -> list[dict]:
@@ -86,7 +90,7 @@ def answer_file(model, tokenizer, sampling: Sampling, records: list[dict], args:
     out = Path(args.output_file)
     with tqdm(total=len(records), desc="generate", dynamic_ncols=True) as bar:
         answers = generate(model, tokenizer, [(r["instruction"], r["input"]) for r in records], sampling,
-                           batch_size=args.batch_size, progress=bar.update)
+                           batch_size=args.batch_size, progress=bar.update, layout=args.layout)
     with atomic_write(out) as f:
         for record, answer in zip(records, answers):
             f.write(json.dumps({**record, "generated": answer}, ensure_ascii=False) + "\n")
@@ -101,12 +105,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         records = read_questions(args) if args.input_file else None
         model, tokenizer = load(args)
+        args.layout = args.layout or trained_layout(args.model_path)
         if args.interactive:
-            interactive(model, tokenizer, sampling)
+            interactive(model, tokenizer, sampling, args.layout)
         elif records is not None:
             answer_file(model, tokenizer, sampling, records, args)
         else:
-            print(generate(model, tokenizer, [(args.instruction, args.input)], sampling, batch_size=1)[0])
+            print(generate(model, tokenizer, [(args.instruction, args.input)], sampling, batch_size=1,
+                           layout=args.layout)[0])
     except (ModelPathError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

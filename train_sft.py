@@ -17,7 +17,7 @@ import socket
 import sys
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,32 +26,19 @@ import yaml
 from tqdm import tqdm
 
 from model.llama import ModelPathError, check_model_folder, load_model, load_tokenizer, save_model_metadata
-from openalpaca.config import (
-    ConfigError,
-    TrainConfig,
-    load_config,
-    load_ds_config,
-    resolve_ds_config,
-    steps_per_epoch,
-)
-from openalpaca.data import SFTDataset, micro_batches, plan_epoch, read_alpaca, split_records
+from openalpaca.batching import Batching, token_counts
+from openalpaca.config import ConfigError, TrainConfig, load_config, load_ds_config, resolve_ds_config
+from openalpaca.data import SFTDataset, micro_batches, read_alpaca, split_records, total_steps
 from openalpaca.distributed import init_distributed
-from openalpaca.loss import sft_ce_sum
+from openalpaca.loss import num_targets, sft_ce_sum
 from openalpaca.metrics import MetricsLogger, plot_losses
-from openalpaca.packing import (
-    attention_implementation,
-    model_inputs,
-    packed_micro_batches,
-    plan_packed_epoch,
-    token_budget,
-    token_counts,
-)
-from openalpaca.prompts import IGNORE_INDEX
+from openalpaca.packing import attention_implementation, model_inputs
 from openalpaca.records import DataError
 
 REPO = Path(__file__).resolve().parent
 # Keys that decide which samples each step sees: a resumed run must agree on them.
-DATA_ORDER_KEYS = ("seed", "batch_size", "micro_batch_size", "max_length", "epochs")
+DATA_ORDER_KEYS = ("seed", "batch_size", "micro_batch_size", "max_length", "epochs", "epoch_tail", "layout",
+                   "truncation")
 # Test hook: "save:N" kills the whole launch (SIGKILL) halfway through writing checkpoint N.
 CRASH_ENV = "OPENALPACA_CRASH_AT"
 CONFIG_NAME = "train_config.yaml"  # the resolved config, written next to every checkpoint
@@ -59,6 +46,7 @@ DS_CONFIG_NAME = "ds_config.json"  # the DeepSpeed JSON as the engine got it ("a
 STATE_NAME = "trainer_state_rank{rank}.pt"  # per-rank RNG state inside a checkpoint tag
 ADAPTER_DIR = "adapter"  # the LoRA adapter, peft format, next to the checkpoint
 TRAINER_STATE = "trainer_state.json"  # step, data position and config of a checkpoint, readable without DeepSpeed
+SUMMARY_NAME = "summary.json"  # in logs/: the run's figures, machine-readable
 TMP_PREFIX = "tmp-"  # a tag is written under this prefix and renamed once every rank is done
 
 # gloo's collectives through torch.distributed warn on every call under DeepSpeed.
@@ -98,14 +86,25 @@ def prepare(cfg: TrainConfig, world_size: int) -> Prepared:
     if not cfg.eval_data_path and cfg.eval_ratio > 0:
         records, eval_records = split_records(records, cfg.eval_ratio, cfg.seed)
     tokenizer = load_tokenizer(cfg.model_path)
-    dataset = SFTDataset.from_records(records, tokenizer, cfg.max_length)
+    fmt = cfg.sample_format()
+    dataset = SFTDataset.from_records(records, tokenizer, cfg.max_length, fmt)
     if len(dataset) == 0:
         raise DataError(f"{cfg.data_path}: none of {len(records)} records fits in max_length {cfg.max_length}")
-    eval_set = SFTDataset.from_records(eval_records, tokenizer, cfg.max_length) if eval_records else None
-    total_steps = cfg.epochs * steps_per_epoch(len(dataset), cfg.batch_size)
-    ds_config = resolve_ds_config(raw_ds, cfg, world_size, total_steps, path=cfg.ds_config)
+    eval_set = SFTDataset.from_records(eval_records, tokenizer, cfg.max_length, fmt) if eval_records else None
+    steps = total_steps(len(dataset), cfg.epochs, cfg.batch_size, cfg.epoch_tail)
+    if steps == 0:
+        raise DataError(f"{cfg.data_path}: {len(dataset)} samples x {cfg.epochs} epochs make no full batch of "
+                        f"{cfg.batch_size} (epoch_tail: carry)")
+    ds_config = resolve_ds_config(raw_ds, cfg, world_size, steps, path=cfg.ds_config)
     resume_tag = checkpoint_to_resume(cfg, len(dataset), world_size)
-    return Prepared(dataset, eval_set, tokenizer, ds_config, total_steps, resume_tag)
+    return Prepared(dataset, eval_set, tokenizer, ds_config, steps, resume_tag)
+
+
+def make_batching(cfg: TrainConfig, world_size: int, rank: int) -> Batching:
+    return Batching(batch_size=cfg.batch_size, micro_batch_size=cfg.micro_batch_size,
+                    max_tokens=(cfg.max_tokens_per_micro_batch or cfg.max_length) if cfg.pack else 0,
+                    seed=cfg.seed, epoch_tail=cfg.epoch_tail, weighting=cfg.loss_weighting,
+                    world_size=world_size, rank=rank)
 
 
 def build_engine(cfg: TrainConfig, ds_config: dict):
@@ -114,7 +113,8 @@ def build_engine(cfg: TrainConfig, ds_config: dict):
 
     # While this object lives, from_pretrained loads weights straight into ZeRO-3 partitions.
     ds_hf = HfDeepSpeedConfig(ds_config)
-    model = load_model(cfg.model_path, cfg.dtype, attn_implementation=attention_implementation(cfg.pack))
+    model = load_model(cfg.model_path, cfg.dtype,
+                       attn_implementation=attention_implementation(cfg.pack, hidden_keys=cfg.hide_eos_keys))
     del ds_hf
     model.config.use_cache = False
     if cfg.lora_r:
@@ -165,10 +165,11 @@ def save_adapter(engine, save: Path) -> None:
     dist.barrier()
 
 
-def all_reduce_sum(value: float | torch.Tensor, device: torch.device) -> float:
-    t = torch.as_tensor(value, dtype=torch.float64, device=device).clone()
+def all_reduce_sum(value: float | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The sum over ranks, in float64 on the CPU (a scalar or a small vector)."""
+    t = torch.as_tensor(value, dtype=torch.float64).to(device)
     dist.all_reduce(t)
-    return t.item()
+    return t.cpu()
 
 
 def save_checkpoint(engine, cfg: TrainConfig, step: int, epoch: int, num_samples: int) -> str:
@@ -223,7 +224,7 @@ def checkpoint_to_resume(cfg: TrainConfig, num_samples: int, world_size: int) ->
     tag = latest.read_text().strip()
     state = json.loads((Path(cfg.save_path) / tag / TRAINER_STATE).read_text())
     saved = state["config"]
-    changed = [f"{k} {saved[k]!r} -> {getattr(cfg, k)!r}" for k in DATA_ORDER_KEYS if saved[k] != getattr(cfg, k)]
+    changed = [f"{k} {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in DATA_ORDER_KEYS if saved.get(k) != getattr(cfg, k)]
     for key, now in (("num_samples", num_samples), ("world_size", world_size)):
         if state[key] != now:
             changed.append(f"{key} {state[key]} -> {now}")
@@ -241,37 +242,48 @@ def resume(engine, cfg: TrainConfig, tag: str) -> int:
     return client_state["global_step"]
 
 
+def step_weight(batch: dict) -> float:
+    """What one micro-batch adds to its step's loss denominator: its targets (token weighting)
+    or its samples (sample weighting: each sample's target weights sum to 1)."""
+    return float(batch["weights"].sum()) if "weights" in batch else num_targets(batch["labels"])
+
+
 def train_step(engine, batches: list[dict], world: int) -> tuple[float, float]:
-    """One optimizer step over this rank's micro-batches; returns (mean token loss, supervised tokens)."""
+    """One optimizer step over this rank's micro-batches; returns (step loss, supervised tokens).
+
+    The step loss is ``sum(w * ce) / sum(w)`` over every target of the step, whichever rank and
+    micro-batch it landed in: ``w = 1`` (token weighting) or ``1 / n_i`` for the ``n_i`` targets
+    of sample ``i`` (sample weighting: the mean of the samples' mean losses, the original's).
+    """
     gas = engine.gradient_accumulation_steps()
-    # Every supervised token of the optimizer step weighs the same, whichever rank and
-    # micro-batch it landed in: normalise by the step's total, not per micro-batch.
-    n_tokens = all_reduce_sum(sum((b["labels"] != IGNORE_INDEX).sum() for b in batches), engine.device)
+    local = torch.tensor([sum(step_weight(b) for b in batches), sum(num_targets(b["labels"]) for b in batches)])
+    total, n_tokens = all_reduce_sum(local, engine.device).tolist()
     loss_sum = torch.zeros((), dtype=torch.float64)
     for i, batch in enumerate(batches):
         # A packed step has as many micro-batches as its samples need: say which one ends it.
         engine.set_gradient_accumulation_boundary(i == len(batches) - 1)
-        ce = sft_ce_sum(engine, model_inputs(batch, engine.device), batch["labels"].to(engine.device))
-        # DeepSpeed divides by gas and averages over ranks; undo both so the gradient is sum / n_tokens.
-        engine.backward(ce * (gas * world / n_tokens))
+        weights = batch["weights"].to(engine.device) if "weights" in batch else None
+        ce = sft_ce_sum(engine, model_inputs(batch, engine.device), batch["labels"].to(engine.device), weights)
+        # DeepSpeed divides by gas and averages over ranks; undo both so the gradient is sum / total.
+        engine.backward(ce * (gas * world / total))
         engine.step()
         loss_sum += ce.detach().double().cpu()
-    return all_reduce_sum(loss_sum, engine.device) / n_tokens, n_tokens
+    return all_reduce_sum(loss_sum, engine.device).item() / total, n_tokens
 
 
 @torch.no_grad()
-def eval_loss(engine, eval_set: SFTDataset, cfg: TrainConfig, world: int, rank: int) -> float:
-    """Mean token loss over the whole eval set; every rank runs the same number of forwards (ZeRO-3 gathers)."""
-    per_pass = cfg.micro_batch_size * world
-    everything = -(-len(eval_set) // per_pass) * per_pass
-    plan = plan_epoch(len(eval_set), 0, cfg.seed, everything, cfg.micro_batch_size, world, rank)[0]
+def eval_loss(engine, eval_set: SFTDataset, batching: Batching) -> float:
+    """Loss over the whole eval set, weighted as in training; every rank runs the same number of
+    forwards (ZeRO-3 gathers)."""
     engine.eval()
-    ce, n = torch.zeros((), dtype=torch.float64), 0
-    for batch in micro_batches(eval_set, plan):
-        ce += sft_ce_sum(engine, model_inputs(batch, engine.device), batch["labels"].to(engine.device)).double().cpu()
-        n += (batch["labels"] != IGNORE_INDEX).sum().item()
+    ce, total = torch.zeros((), dtype=torch.float64), 0.0
+    for batch in micro_batches(eval_set, batching.everything(eval_set), batching.weighting):
+        weights = batch["weights"].to(engine.device) if "weights" in batch else None
+        ce += sft_ce_sum(engine, model_inputs(batch, engine.device), batch["labels"].to(engine.device),
+                         weights).double().cpu()
+        total += step_weight(batch)
     engine.train()
-    return all_reduce_sum(ce, engine.device) / all_reduce_sum(n, engine.device)
+    return (all_reduce_sum(ce, engine.device) / all_reduce_sum(torch.tensor(total), engine.device)).item()
 
 
 def train(cfg: TrainConfig, data: Prepared) -> None:
@@ -281,75 +293,102 @@ def train(cfg: TrainConfig, data: Prepared) -> None:
     torch.manual_seed(cfg.seed)
     engine = build_engine(cfg, data.ds_config)
     dataset, save, total_steps = data.train_set, Path(cfg.save_path), data.total_steps
-    per_epoch = steps_per_epoch(len(dataset), cfg.batch_size)
+    batching = make_batching(cfg, world, rank)
     step = resume(engine, cfg, data.resume_tag) if data.resume_tag else 0
     (save / "logs").mkdir(parents=True, exist_ok=True)
     metrics = MetricsLogger(save / "logs", enabled=rank == 0)
-    split = (f"batch {cfg.batch_size} packed into rows of up to {token_budget(cfg)} tokens" if cfg.pack else
-             f"{world} ranks x {engine.gradient_accumulation_steps()} accumulation x {cfg.micro_batch_size} = "
-             f"batch {cfg.batch_size}")
     if rank == 0:
-        save_model_metadata(engine.module, data.tokenizer, cfg.model_path, save)
-        (save / CONFIG_NAME).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        (save / DS_CONFIG_NAME).write_text(json.dumps(data.ds_config, indent=2) + "\n")
+        write_run_files(engine, cfg, data, save)
         print(f"{len(dataset)} samples ({dataset.num_skipped} skipped: prompt longer than max_length, "
-              f"{dataset.num_truncated} truncated), {len(data.eval_set or [])} eval samples; {split}; "
-              f"{total_steps} steps, starting at {step}")
+              f"{dataset.num_truncated} truncated), {len(data.eval_set or [])} eval samples; "
+              f"{batching.describe(engine.gradient_accumulation_steps())}; {total_steps} steps, starting at {step}")
     # Redrawn often on a terminal; in a log file every redraw is a line, so rarely.
     bar = tqdm(total=total_steps, initial=step, disable=rank != 0, desc="train", dynamic_ncols=True,
                mininterval=0.5 if sys.stderr.isatty() else 60)
-    plan, plan_for, tokens_seen, t0 = None, None, 0, time.time()
-    micro_steps, tokens_in, padding = 0, 0, 0  # this rank's, for the throughput line
-    loss = last_eval = float("nan")
+    run = RunStats()
     while step < total_steps:
-        epoch, step_in_epoch = divmod(step, per_epoch)
-        if plan_for != epoch:
-            if cfg.pack:
-                lengths = [len(s.input_ids) for s in dataset.samples]
-                plan = plan_packed_epoch(lengths, epoch, cfg.seed, cfg.batch_size, token_budget(cfg), world, rank)
-            else:
-                plan = plan_epoch(len(dataset), epoch, cfg.seed, cfg.batch_size, cfg.micro_batch_size, world, rank)
-            plan_for = epoch
-        batches = (packed_micro_batches if cfg.pack else micro_batches)(dataset, plan[step_in_epoch])
-        n_in, n_pad = token_counts(batches)
-        micro_steps, tokens_in, padding = micro_steps + len(batches), tokens_in + n_in, padding + n_pad
+        epoch = batching.epoch(step, len(dataset))
+        batches = batching.micro_batches(dataset, step)
+        run.add_micro_batches(batches)
         log_sample_ids(cfg.save_path, rank, step + 1, [i for b in batches for i in b["sample_ids"]])
-        loss, n_tokens = train_step(engine, batches, world)
+        run.loss, n_tokens = train_step(engine, batches, world)
         step += 1
-        tokens_seen += n_tokens
-        if not math.isfinite(loss):
-            raise TrainingError(f"non-finite loss {loss} at step {step}; stopping, the last good checkpoint is kept")
-        lr, tok_s = engine.get_lr()[0], tokens_seen / (time.time() - t0)
-        metrics.log(step, "train", loss=loss, lr=lr, grad_norm=float(engine.get_global_grad_norm() or 0.0),
+        run.supervised += n_tokens
+        if not math.isfinite(run.loss):
+            raise TrainingError(f"non-finite loss {run.loss} at step {step}; stopping, the last good checkpoint is kept")
+        lr, tok_s = engine.get_lr()[0], run.supervised / run.elapsed()
+        metrics.log(step, "train", loss=run.loss, lr=lr, grad_norm=float(engine.get_global_grad_norm() or 0.0),
                     tokens_per_s=tok_s, supervised_tokens=n_tokens)
         if step % cfg.logging_steps == 0 or step == total_steps:
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
+            bar.set_postfix(loss=f"{run.loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
             if rank == 0:
-                tqdm.write(f"step {step}/{total_steps} epoch {epoch} loss {loss:.4f} lr {lr:.3e}")
+                tqdm.write(f"step {step}/{total_steps} epoch {epoch} loss {run.loss:.4f} lr {lr:.3e}")
         if data.eval_set and (step == total_steps or cfg.eval_steps and step % cfg.eval_steps == 0):
-            last_eval = eval_loss(engine, data.eval_set, cfg, world, rank)
-            metrics.log(step, "eval", loss=last_eval)
+            run.eval_loss = eval_loss(engine, data.eval_set, batching)
+            metrics.log(step, "eval", loss=run.eval_loss)
             if rank == 0:
-                tqdm.write(f"step {step}/{total_steps} eval loss {last_eval:.4f}")
+                tqdm.write(f"step {step}/{total_steps} eval loss {run.eval_loss:.4f}")
         bar.update(1)
         if cfg.save_steps and step % cfg.save_steps == 0 and step < total_steps:
             save_checkpoint(engine, cfg, step, epoch, len(dataset))
-    elapsed = time.time() - t0
+    run.train_seconds = run.elapsed()
     bar.close()
     tag = save_checkpoint(engine, cfg, step, cfg.epochs, len(dataset))
     if cfg.lora_r:
         save_adapter(engine, save)
     metrics.close()
-    tokens_in, padding = all_reduce_sum(tokens_in, engine.device), all_reduce_sum(padding, engine.device)
-    if rank == 0:
-        print(f"throughput: {micro_steps} micro-steps per rank, {tokens_in:.0f} tokens processed "
-              f"({padding:.0f} padding), {tokens_seen:.0f} supervised, {elapsed:.2f}s training")
-        plot = plot_losses(save / "logs", save / "loss.png")
-        print(f"done: {step} steps, {step * cfg.batch_size} sample slots, {tokens_seen:.0f} supervised tokens this "
-              f"run in {time.time() - t0:.0f}s; final train loss {loss:.4f}"
-              f"{f', eval loss {last_eval:.4f}' if data.eval_set else ''}; "
-              f"checkpoint {save / tag}, plot {plot}, TensorBoard {save / 'logs'}")
-        print(f"convert with: python {save}/zero_to_fp32.py {save} {save}/pytorch_model.bin")
+    finish(run, engine, cfg, save, tag, step)
+
+
+@dataclass
+class RunStats:
+    """What a run reports at its end (and in ``logs/summary.json``); token counts are this rank's
+    until ``finish`` sums them."""
+
+    loss: float = float("nan")
+    eval_loss: float = float("nan")
+    supervised: float = 0.0  # supervised tokens over all ranks (train_step sums them)
+    micro_steps: int = 0
+    tokens_in: float = 0.0
+    padding: float = 0.0
+    train_seconds: float = 0.0
+    t0: float = field(default_factory=time.time)
+
+    def add_micro_batches(self, batches: list[dict]) -> None:
+        n_in, n_pad = token_counts(batches)
+        self.micro_steps, self.tokens_in, self.padding = self.micro_steps + len(batches), self.tokens_in + n_in, \
+            self.padding + n_pad
+
+    def elapsed(self) -> float:
+        return time.time() - self.t0
+
+
+def write_run_files(engine, cfg: TrainConfig, data: Prepared, save: Path) -> None:
+    """Model config, tokenizer, the resolved training config and DeepSpeed JSON, next to the checkpoints."""
+    save_model_metadata(engine.module, data.tokenizer, save)
+    (save / CONFIG_NAME).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    (save / DS_CONFIG_NAME).write_text(json.dumps(data.ds_config, indent=2) + "\n")
+
+
+def finish(run: RunStats, engine, cfg: TrainConfig, save: Path, tag: str, step: int) -> None:
+    """The closing lines and ``logs/summary.json`` (what benchmarks read)."""
+    run.tokens_in, run.padding = all_reduce_sum(torch.tensor([run.tokens_in, run.padding]), engine.device).tolist()
+    if dist.get_rank() != 0:
+        return
+    summary = {"steps": step, "batch_size": cfg.batch_size, "world_size": dist.get_world_size(),
+               "micro_steps_per_rank": run.micro_steps, "tokens_processed": run.tokens_in,
+               "padding_tokens": run.padding, "supervised_tokens": run.supervised,
+               "train_seconds": run.train_seconds, "final_loss": run.loss,
+               "eval_loss": run.eval_loss if math.isfinite(run.eval_loss) else None, "checkpoint": str(save / tag)}
+    (save / "logs" / SUMMARY_NAME).write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"throughput: {run.micro_steps} micro-steps per rank, {run.tokens_in:.0f} tokens processed "
+          f"({run.padding:.0f} padding), {run.supervised:.0f} supervised, {run.train_seconds:.2f}s training")
+    plot = plot_losses(save / "logs", save / "loss.png")
+    eval_text = f", eval loss {run.eval_loss:.4f}" if math.isfinite(run.eval_loss) else ""
+    print(f"done: {step} steps, {step * cfg.batch_size} sample slots, {run.supervised:.0f} supervised tokens this "
+          f"run in {run.elapsed():.0f}s; final train loss {run.loss:.4f}{eval_text}; "
+          f"checkpoint {save / tag}, plot {plot}, TensorBoard {save / 'logs'}")
+    print(f"convert with: python {save}/zero_to_fp32.py {save} {save}/pytorch_model.bin")
 
 
 def main(argv: list[str] | None = None) -> int:

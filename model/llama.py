@@ -6,22 +6,18 @@ moves the loaded model itself.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoTokenizer, GenerationConfig, LlamaForCausalLM, PreTrainedTokenizerBase
+from transformers import GenerationConfig, LlamaForCausalLM
 
-from openalpaca.prompts import BOS_ID, EOS_ID, PAD_ID
+from model.tokenizer import BOS_ID, EOS_ID, PAD_ID, ModelPathError, load_tokenizer
+
+__all__ = ["ModelPathError", "load_tokenizer", "check_model_folder", "load_model", "save_model_metadata"]
 
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "model*.bin")
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-class ModelPathError(ValueError):
-    """The model folder is missing something; the message names the folder and the file."""
 
 
 def check_model_folder(path: str | Path, need_weights: bool = True) -> None:
@@ -44,18 +40,6 @@ def check_model_folder(path: str | Path, need_weights: bool = True) -> None:
         raise ModelPathError(f"{path}: no weights (*.safetensors or pytorch_model*.bin) in the model folder")
 
 
-def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
-    """The tokenizer of ``path``, checked to use OpenLLaMA's special ids (bos 1, eos 2)."""
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
-    except OSError as err:  # hub id unreachable, or a folder transformers cannot read
-        raise ModelPathError(f"{path}: cannot load the tokenizer: {err}") from None
-    found = {"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id}
-    if found != {"bos": BOS_ID, "eos": EOS_ID}:
-        raise ModelPathError(f"{path}: tokenizer has bos/eos ids {found}, expected bos {BOS_ID}, eos {EOS_ID}")
-    return tokenizer
-
-
 def load_model(path: str | Path, dtype: str = "fp32", **kwargs: Any) -> LlamaForCausalLM:
     """``LlamaForCausalLM.from_pretrained`` in ``dtype``.
 
@@ -69,17 +53,13 @@ def generation_config() -> GenerationConfig:
     return GenerationConfig(bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
 
 
-def save_model_metadata(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, src: str | Path,
-                        dst: str | Path) -> None:
+def save_model_metadata(model: LlamaForCausalLM, tokenizer: Any, dst: str | Path) -> None:
     """Write config.json, generation_config.json and the tokenizer files next to a checkpoint.
 
-    ``tokenizer.model`` is copied from the source folder as is: the seed's listing has it and
-    older transformers need it.
+    The tokenizer files are the base model's, copied as they are (``tokenizer.model`` among them:
+    the seed's listing has it), so the checkpoint's tokenizer gives the base model's ids.
     """
     dst = Path(dst)
     model.config.save_pretrained(dst)
     generation_config().save_pretrained(dst)
     tokenizer.save_pretrained(dst)
-    for name in TOKENIZER_FILES:
-        if (Path(src) / name).is_file() and not (dst / name).exists():
-            shutil.copy2(Path(src) / name, dst / name)

@@ -19,7 +19,11 @@ from typing import Any
 
 import yaml
 
+from openalpaca.data import EPOCH_TAILS, WEIGHTINGS
+from openalpaca.prompts import SampleFormat
+
 DTYPES = ("bf16", "fp16", "fp32")
+WARMUP_TYPES = ("log", "linear")  # DeepSpeed WarmupDecayLR's warmup_type values
 
 
 class ConfigError(ValueError):
@@ -39,10 +43,19 @@ class TrainConfig:
     batch_size: int = 64  # samples per optimizer step, over all ranks
     micro_batch_size: int = 1  # samples per forward pass on one rank
     lr: float = 2e-5
+    # warmup = max(warmup_steps, int(warmup_ratio * total steps)), as the original computed it
     warmup_steps: int = 10
+    warmup_ratio: float = 0.1
+    warmup_type: str = "log"  # DeepSpeed's default shape (log) or linear
     dtype: str = "bf16"
     seed: int = 0
-    gradient_checkpointing: bool = True
+    gradient_checkpointing: bool = False
+    # the recipe's choices; the defaults are the original code's (config/openllama.yaml)
+    layout: str = "original"  # token layout (openalpaca/prompts.py): original [1,1,P,2,1,1,O,2] or clean [1,P,2,1,O,2]
+    truncation: str = "keep_end"  # keep_end: the last max_length tokens; keep_prompt: cut the response
+    hide_eos_keys: bool = True  # attention_mask = input_ids != eos, as the original's collator
+    loss_weighting: str = "sample"  # sample: every sample weighs the same in a step; token: every token
+    epoch_tail: str = "carry"  # carry: steps run across epochs (epochs * N // batch steps); pad: partial last step
     # ZeRO-3 hooks every module to gather its parameters; classes named here (comma-separated,
     # e.g. LlamaDecoderLayer) are gathered as one unit instead: far fewer hooks, same numbers.
     zero3_leaf_modules: str = ""
@@ -86,8 +99,16 @@ class TrainConfig:
             problems.append(f"eval_ratio must be in [0, 1), got {self.eval_ratio}")
         if not self.lr > 0:
             problems.append(f"lr must be > 0, got {self.lr}")
-        if self.dtype not in DTYPES:
-            problems.append(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        for name, allowed in (("dtype", DTYPES), ("warmup_type", WARMUP_TYPES), ("loss_weighting", WEIGHTINGS),
+                              ("epoch_tail", EPOCH_TAILS)):
+            if getattr(self, name) not in allowed:
+                problems.append(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if not 0 <= self.warmup_ratio < 1:
+            problems.append(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        try:
+            self.sample_format()
+        except ValueError as err:
+            problems.append(str(err))
         if self.max_tokens_per_micro_batch < 0:
             problems.append(f"max_tokens_per_micro_batch must be >= 0, got {self.max_tokens_per_micro_batch}")
         elif self.max_tokens_per_micro_batch and not self.pack:
@@ -107,6 +128,19 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def sample_format(self) -> SampleFormat:
+        return SampleFormat(self.layout, self.truncation, self.hide_eos_keys)
+
+    def warmup(self, total_steps: int) -> int:
+        """Warmup steps of a run of ``total_steps``: the original's ``max(10, int(0.1 * total))``.
+
+        Not cut to the total, as in the original: a run shorter than its warmup never reaches ``lr``.
+
+        >>> TrainConfig().warmup(468), TrainConfig().warmup(50), TrainConfig(warmup_ratio=0.0).warmup(468)
+        (46, 10, 10)
+        """
+        return max(self.warmup_steps, int(self.warmup_ratio * total_steps))
 
 
 def parse_zero_overrides(text: str) -> dict[str, Any]:
@@ -291,7 +325,9 @@ def resolve_ds_config(
         if "warmup_max_lr" in params:
             r.fill(params, "warmup_max_lr", cfg.lr, "scheduler.params.")
         if "warmup_num_steps" in params:
-            r.fill(params, "warmup_num_steps", min(cfg.warmup_steps, total_steps), "scheduler.params.")
+            r.fill(params, "warmup_num_steps", cfg.warmup(total_steps), "scheduler.params.")
+        if "warmup_type" in params:
+            r.fill(params, "warmup_type", cfg.warmup_type, "scheduler.params.")
         if "total_num_steps" in params:
             r.fill(params, "total_num_steps", total_steps, "scheduler.params.")
     for precision in ("bf16", "fp16"):

@@ -22,6 +22,7 @@ from model.llama import load_model, load_tokenizer
 from model.tiny import llama_config, tokenizer_vocab_size, train_tokenizer, write_tiny_llama
 from openalpaca import synthetic
 from openalpaca.evaluate import greedy_predictions
+from openalpaca.generate import trained_layout
 
 
 def make_base(out_dir: Path, hidden_size: int, num_layers: int, num_heads: int, vocab_size: int, seed: int) -> None:
@@ -34,15 +35,17 @@ def make_base(out_dir: Path, hidden_size: int, num_layers: int, num_heads: int, 
           f"{n_params / 1e6:.2f}M parameters)")
 
 
-def predict(model_path: Path, records: Sequence[dict], batch_size: int, max_new_tokens: int) -> list[str]:
-    return greedy_predictions(load_model(model_path), load_tokenizer(model_path), records, batch_size, max_new_tokens)
+def predict(model_path: Path, records: Sequence[dict], batch_size: int, max_new_tokens: int, layout: str) -> list[str]:
+    return greedy_predictions(load_model(model_path), load_tokenizer(model_path), records, batch_size, max_new_tokens,
+                              layout)
 
 
 def evaluate(base: Path, trained: Path, heldout: Path, batch_size: int, max_new_tokens: int, show: int,
              started_at: float | None = None) -> None:
     records = synthetic.read_jsonl(heldout)
-    before, _ = synthetic.score(records, predict(base, records, batch_size, max_new_tokens))
-    predictions = predict(trained, records, batch_size, max_new_tokens)
+    layout = trained_layout(trained)  # the base model is asked in the same layout
+    before, _ = synthetic.score(records, predict(base, records, batch_size, max_new_tokens, layout))
+    predictions = predict(trained, records, batch_size, max_new_tokens, layout)
     after, per_task = synthetic.score(records, predictions)
     for record, prediction in list(zip(records, predictions))[:show]:
         context = f" [{record['context']}]" if record["context"] else ""

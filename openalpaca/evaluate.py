@@ -20,7 +20,9 @@ def greedy_predictions(
     records: Sequence[Mapping[str, str]],
     batch_size: int = 64,
     max_new_tokens: int = 16,
+    layout: str = "clean",
 ) -> list[str]:
     """One greedy completion per dolly record (``instruction``, ``context``), in record order."""
     prompts = [(r["instruction"], r.get("context", "")) for r in records]
-    return generate(model, tokenizer, prompts, Sampling(max_new_tokens=max_new_tokens, greedy=True), batch_size)
+    return generate(model, tokenizer, prompts, Sampling(max_new_tokens=max_new_tokens, greedy=True), batch_size,
+                    layout=layout)

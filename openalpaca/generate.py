@@ -1,18 +1,34 @@
 """Generation from a trained model, with exactly the training prompt.
 
-Every prompt is ``openalpaca.prompts.prompt_ids`` (``[BOS] enc(prompt) [EOS] [BOS]``), the
-unsupervised part of a training sample. Batches are left-padded with ``PAD_ID`` and masked, so
-one forward pass serves a whole batch.
+Every prompt is ``openalpaca.prompts.prompt_ids`` in the layout the model was trained with
+(``clean``: ``[1, P, 2, 1]``; ``original``: ``[1, 1, P, 2, 1]``, the seed README's snippet),
+cut to its last ``max_prompt_tokens`` as the snippet does. Batches are left-padded with
+``PAD_ID`` and masked, so one forward pass serves a whole batch; a batch of one is exactly the
+snippet's call. Answers are cleaned as the snippet does: the ids up to the first eos, decoded
+with special tokens, ``<s>`` and ``</s>`` removed, stripped.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+import yaml
 
 from openalpaca.prompts import EOS_ID, PAD_ID, Tokenizer, prompt_ids
+
+MAX_PROMPT_TOKENS = 1024  # the snippet's tokens[-1024:]
+
+
+def trained_layout(model_path: str | Path) -> str:
+    """The layout recorded next to a checkpoint (``train_config.yaml``); ``original`` without a
+    record: the published checkpoints, queried as the seed README's snippet does."""
+    record = Path(model_path) / "train_config.yaml"
+    if not record.is_file():
+        return "original"
+    return (yaml.safe_load(record.read_text()) or {}).get("layout", "original")
 
 
 @dataclass(frozen=True)
@@ -58,6 +74,19 @@ def cut_at_eos(ids: Sequence[int], eos_id: int = EOS_ID) -> list[int]:
     return ids[: ids.index(eos_id)] if eos_id in ids else ids
 
 
+def clean_answer(tokenizer: Tokenizer, new_ids: Sequence[int]) -> str:
+    """The answer text of generated ids, cleaned as the seed README's snippet does.
+
+    >>> class Toy:
+    ...     def decode(self, ids, skip_special_tokens=False):
+    ...         return "".join({1: "<s>", 2: "</s>", 7: " An", 8: " alpaca"}[i] for i in ids)
+    >>> clean_answer(Toy(), [1, 7, 8, 2, 0, 0])
+    'An alpaca'
+    """
+    text = tokenizer.decode(cut_at_eos(new_ids), skip_special_tokens=False)
+    return text.replace("<s>", "").replace("</s>", "").strip()
+
+
 @torch.no_grad()
 def generate(
     model: torch.nn.Module,
@@ -67,13 +96,15 @@ def generate(
     batch_size: int = 16,
     streamer: Any = None,
     progress: Any = None,
+    layout: str = "clean",
+    max_prompt_tokens: int = MAX_PROMPT_TOKENS,
 ) -> list[str]:
-    """One completion per ``(instruction, input)``, in order, decoded without special tokens.
+    """One answer per ``(instruction, input)``, in order (``clean_answer``).
 
     Prompts are batched by similar length (less padding). ``streamer`` (a transformers
     streamer) needs ``batch_size=1``; ``progress`` is called with the size of each finished batch.
     """
-    ids = [prompt_ids(tokenizer, instruction, input) for instruction, input in prompts]
+    ids = [prompt_ids(tokenizer, instruction, input, layout)[-max_prompt_tokens:] for instruction, input in prompts]
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     outputs = [""] * len(ids)
     device = next(model.parameters()).device
@@ -92,8 +123,7 @@ def generate(
                 **sampling.generate_kwargs(),
             )
             for row, index in enumerate(chunk):
-                new_ids = cut_at_eos(out[row, input_ids.shape[1] :].tolist())
-                outputs[index] = tokenizer.decode(new_ids, skip_special_tokens=True).strip()
+                outputs[index] = clean_answer(tokenizer, out[row, input_ids.shape[1] :].tolist())
             if progress is not None:
                 progress(len(chunk))
     finally:

@@ -5,10 +5,10 @@ gather of the weights in forward and backward. Packing puts the samples of an op
 into as few rows as fit a token budget, with three guarantees that keep the result per sample
 the seed's:
 
-* **Same steps.** Step ``s`` of an epoch holds exactly the samples of step ``s`` of
-  ``data.plan_epoch`` (same shuffle of ``(seed, epoch)``, same ``batch_size`` samples per
-  step), so steps per epoch, samples per step, lr and schedule mean what they mean in the seed;
-  only how a step's samples are cut into micro-batches differs.
+* **Same steps.** Step ``s`` holds exactly the samples of ``data.step_slots`` for ``s`` (same
+  shuffle of ``(seed, epoch)``, same ``batch_size`` samples per step), so steps per epoch,
+  samples per step, lr and schedule mean what they mean unpacked; only how a step's samples
+  are cut into micro-batches differs.
 * **Own attention and positions.** Position ids restart at 0 for every sample, and attention
   is block-diagonal: ``cu_seq_lens`` mark the sample boundaries and the attention function
   registered here runs causal SDPA on each sample's segment alone (flash-attention varlen on a
@@ -16,11 +16,12 @@ the seed's:
 * **Own labels.** A sample's first token is never a target, so the last token of one sample is
   never trained to predict the first token of the next.
 
-The trainer normalises the loss by the supervised tokens of the whole optimizer step (all
-micro-batches, all ranks), so a packed step's gradient equals the seed's up to float rounding.
+The trainer normalises the loss over the whole optimizer step (all micro-batches, all ranks),
+per token or per sample (``loss_weighting``), so a packed step's gradient equals the unpacked
+one up to float rounding under either weighting.
 
 How the config maps: ``batch_size`` keeps its meaning (samples per optimizer step over all
-ranks), so ``steps_per_epoch``, warmup and decay are the seed's; ``max_tokens_per_micro_batch``
+ranks), so steps, warmup and decay are as unpacked; ``max_tokens_per_micro_batch``
 (0: ``max_length``) bounds a row; ``micro_batch_size`` must stay 1 and DeepSpeed's
 ``gradient_accumulation_steps`` stays ``batch_size / world`` in its JSON, where it only scales
 the loss, a scale the trainer undoes.
@@ -44,8 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from openalpaca.config import TrainConfig
-from openalpaca.data import PAD_SLOT, SFTDataset, plan_epoch
+from openalpaca.data import PAD_SLOT, SFTDataset, target_weights
 from openalpaca.prompts import BOS_ID, IGNORE_INDEX, EncodedSample
 
 PACKED_ATTENTION = "openalpaca_packed_sdpa"  # the name registered in transformers' AttentionInterface
@@ -100,45 +100,37 @@ def pack_step(indices: Sequence[int], lengths: Sequence[int], max_tokens: int, n
     return [rows[j] for lap in range(k) for j in (d[lap] for d in dealt)]
 
 
-def plan_packed_epoch(
-    lengths: Sequence[int], epoch: int, seed: int, batch_size: int, max_tokens: int, world_size: int, rank: int
-) -> list[list[list[int]]]:
-    """This rank's packed micro-batches for every optimizer step: ``plan[step][micro] = [index, ...]``.
+def rank_packed_micro_batches(slots: Sequence[int], lengths: Sequence[int], max_tokens: int, world_size: int,
+                              rank: int) -> list[list[int]]:
+    """This rank's packed micro-batches of one step (``data.step_slots``): ``[[index, ...], ...]``.
 
-    The structure of ``data.plan_epoch`` (same steps, same samples in each step); a micro-batch
-    is a list of sample indices packed into one row, ``[]`` is a pad micro-batch. Every rank
-    computes the same global packing from ``(seed, epoch)`` and takes its share, so every sample
-    is seen exactly once per epoch and all ranks run the same number of micro-steps per step.
+    Every rank computes the same global packing of the step and takes its share, so every
+    sample of the step is used once and all ranks run the same number of micro-steps; ``[]`` is
+    a pad micro-batch.
 
     >>> lengths = [5, 3, 4, 2, 6]
-    >>> plan_packed_epoch(lengths, epoch=0, seed=0, batch_size=4, max_tokens=8, world_size=2, rank=0)
-    [[[4, 3]], [[2]]]
-    >>> plan_packed_epoch(lengths, epoch=0, seed=0, batch_size=4, max_tokens=8, world_size=2, rank=1)
-    [[[0, 1]], [[]]]
+    >>> rank_packed_micro_batches([4, 0, 1, 3], lengths, max_tokens=8, world_size=2, rank=0)
+    [[4, 3]]
+    >>> rank_packed_micro_batches([4, 0, 1, 3], lengths, max_tokens=8, world_size=2, rank=1)
+    [[0, 1]]
     """
-    plan = []
-    for (step_slots,) in plan_epoch(len(lengths), epoch, seed, batch_size, batch_size, 1, 0):
-        rows = pack_step([i for i in step_slots if i != PAD_SLOT], lengths, max_tokens, world_size)
-        plan.append(rows[rank::world_size])
-    return plan
-
-
-def token_budget(cfg: TrainConfig) -> int:
-    """Tokens per packed row: ``max_tokens_per_micro_batch``, or ``max_length`` when that is 0."""
-    return cfg.max_tokens_per_micro_batch or cfg.max_length
+    return pack_step([i for i in slots if i != PAD_SLOT], lengths, max_tokens, world_size)[rank::world_size]
 
 
 # ---------------------------------------------------------------------------- collation
 
 
-def collate_packed(samples: Sequence[EncodedSample]) -> dict[str, Any]:
+def collate_packed(samples: Sequence[EncodedSample], weighting: str = "token") -> dict[str, Any]:
     """Concatenate a micro-batch's samples into one row, with no padding at all.
 
     Position ids restart at 0 for each sample and ``cu_seq_lens`` (cumulative sample lengths,
     int32 as flash-attention wants them) tell the attention where each sample starts. Each
     sample's first label is ``IGNORE_INDEX`` whatever it was: the logits at the last token of
-    a sample must not be trained to predict the first token of the next one. An empty list
-    (a pad micro-batch) gives a one-token row with no label. Worked example::
+    a sample must not be trained to predict the first token of the next one (unpacked, the
+    first label is never a target either). An empty list (a pad micro-batch) gives a one-token
+    row with no label. A sample's own attention mask (``hide_eos_keys``) comes along as
+    ``attention_mask`` when it hides anything; ``weighting="sample"`` adds ``weights``
+    (``data.target_weights``). Worked example::
 
         sample a: input_ids [1, 5, 2, 1, 9, 2]  labels [-100, -100, -100, -100, 9, 2]
         sample b: input_ids [1, 6, 2, 1, 8]     labels [-100, -100, -100, -100, 8]
@@ -158,14 +150,15 @@ def collate_packed(samples: Sequence[EncodedSample]) -> dict[str, Any]:
     ([[1]], 1)
     """
     rows = list(samples) or [EncodedSample([BOS_ID], [IGNORE_INDEX], False)]
-    input_ids, labels, positions, lengths = [], [], [], []
+    input_ids, labels, positions, lengths, mask = [], [], [], [], []
     for s in rows:
         input_ids += s.input_ids
         labels += [IGNORE_INDEX] + list(s.labels[1:])
         positions += range(len(s.input_ids))
         lengths.append(len(s.input_ids))
+        mask += s.mask
     cu = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32)
-    return {
+    batch = {
         "input_ids": torch.tensor([input_ids]),
         "labels": torch.tensor([labels]),
         "position_ids": torch.tensor([positions]),
@@ -174,33 +167,25 @@ def collate_packed(samples: Sequence[EncodedSample]) -> dict[str, Any]:
         "max_length_q": max(lengths),
         "max_length_k": max(lengths),
         "num_padding": 0 if samples else 1,
+        "num_samples": len(samples),
     }
+    if not all(mask):
+        batch["attention_mask"] = torch.tensor([mask])
+    if weighting == "sample":
+        starts = cu.tolist()
+        batch["weights"] = target_weights(batch["labels"], [(0, a, b) for a, b in zip(starts[:-1], starts[1:])])
+    return batch
 
 
-def packed_micro_batches(dataset: SFTDataset, step_plan: list[list[int]]) -> list[dict[str, Any]]:
+def packed_micro_batches(dataset: SFTDataset, step_plan: list[list[int]],
+                         weighting: str = "token") -> list[dict[str, Any]]:
     """Collated packed micro-batches of one optimizer step, each with the sample ids it holds."""
     batches = []
     for slots in step_plan:
-        batch = collate_packed([dataset.samples[i] for i in slots])
+        batch = collate_packed([dataset.samples[i] for i in slots], weighting)
         batch["sample_ids"] = [dataset.ids[i] for i in slots]
         batches.append(batch)
     return batches
-
-
-def token_counts(batches: Sequence[dict[str, Any]]) -> tuple[int, int]:
-    """``(tokens processed, of which padding)`` over seed or packed micro-batches.
-
-    A seed micro-batch pads its rows to the longest (and a pad slot is a one-token row); a
-    packed row has no padding, only a pad micro-batch is one token of it.
-    """
-    processed = padding = 0
-    for b in batches:
-        processed += b["input_ids"].numel()
-        if "num_padding" in b:
-            padding += b["num_padding"]
-        else:  # a seed pad slot's one token is attended, but the row holds no sample
-            padding += int((b["attention_mask"] == 0).sum()) + len(b["input_ids"]) - len(b["sample_ids"])
-    return processed, padding
 
 
 def model_inputs(batch: dict[str, Any], device: torch.device | str) -> dict[str, Any]:
@@ -243,8 +228,14 @@ def _segment_kernels(query: torch.Tensor):
 
 
 def segment_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bounds: list[int],
-                      dropout: float = 0.0, scaling: float | None = None) -> torch.Tensor:
-    """Causal SDPA on each sample's segment of the flattened rows: ``(batch, tokens, heads, head_dim)``."""
+                      dropout: float = 0.0, scaling: float | None = None,
+                      key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal SDPA on each sample's segment of the flattened rows: ``(batch, tokens, heads, head_dim)``.
+
+    ``key_mask`` (``(batch, tokens)``, 0 = hidden) hides keys inside the segments, as the
+    original layout's ``input_ids != eos`` mask does; a query that would see no key at all then
+    sees itself (else its softmax is empty).
+    """
     batch, heads, q_len, dim = query.shape
     if bounds[-1] != batch * q_len:
         raise ValueError(f"cu_seq_lens_q ends at {bounds[-1]}, but the batch holds {batch * q_len} tokens")
@@ -256,13 +247,25 @@ def segment_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     # whole row, once per sample (O(samples x tokens) memory traffic); split's is one cat.
     lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
     segments = zip(*(flat(t).split(lengths, dim=2) for t in (query, key, value)))
+    keys = key_mask.reshape(-1).bool().split(lengths) if key_mask is not None else [None] * len(lengths)
     with _segment_kernels(query):
         out = torch.cat(
-            [F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling,
-                                            enable_gqa=heads != key.shape[1]) for q, k, v in segments],
+            [F.scaled_dot_product_attention(q, k, v, attn_mask=_segment_mask(visible, q.shape[2]), dropout_p=dropout,
+                                            is_causal=visible is None, scale=scaling,
+                                            enable_gqa=heads != key.shape[1])
+             for (q, k, v), visible in zip(segments, keys)],
             dim=2,
         )
     return out.reshape(heads, batch, q_len, dim).permute(1, 2, 0, 3).contiguous()
+
+
+def _segment_mask(visible: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    """Causal mask of one segment with hidden keys; None when every key is visible."""
+    if visible is None or bool(visible.all()):
+        return None
+    causal = torch.ones(n, n, dtype=torch.bool, device=visible.device).tril()
+    mask = causal & visible[None, :]
+    return (mask | (torch.eye(n, dtype=torch.bool, device=visible.device) & ~mask.any(-1, keepdim=True)))[None, None]
 
 
 @functools.cache
@@ -342,11 +345,11 @@ def packed_sdpa_attention(
     gqa = heads != key.shape[1]
     if cu_seq_lens_q is None and position_ids is not None and attention_mask is None and q_len == kv_len:
         cu_seq_lens_q = cu_seq_lens_from_positions(position_ids.expand(batch, q_len))
-    if cu_seq_lens_q is not None and attention_mask is None and q_len == kv_len:
-        varlen = varlen_kernel(query, key, dropout)
+    if cu_seq_lens_q is not None and q_len == kv_len:
+        varlen = varlen_kernel(query, key, dropout) if attention_mask is None else None
         if varlen is not None:
             return varlen_attention(varlen, query, key, value, cu_seq_lens_q, scaling), None
-        return segment_attention(query, key, value, cu_seq_lens_q.tolist(), dropout, scaling), None
+        return segment_attention(query, key, value, cu_seq_lens_q.tolist(), dropout, scaling, attention_mask), None
     mask = None
     if attention_mask is not None or q_len != kv_len:
         ones = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device)
@@ -375,16 +378,18 @@ def register_packed_attention() -> str:
     return PACKED_ATTENTION
 
 
-def attention_implementation(pack: bool) -> str | None:
+def attention_implementation(pack: bool, hidden_keys: bool = False) -> str | None:
     """The ``attn_implementation`` to load the model with: None (transformers' default) unless packing.
 
     Packed rows need attention that reads ``cu_seq_lens``: flash-attention 2's varlen kernel
-    when a GPU and ``flash_attn`` are there (transformers passes ``cu_seq_lens_*`` to it), else
-    the attention registered here: torch's own varlen kernel on a GPU where torch has it, else
-    SDPA on each sample's segment.
+    when a GPU and ``flash_attn`` are there (transformers passes ``cu_seq_lens_*`` to it) and no
+    key is hidden inside a sample, else the attention registered here: torch's own varlen kernel
+    on a GPU where torch has it and no key is hidden, else SDPA on each sample's segment.
+    ``hidden_keys``: samples carry their own attention mask (``hide_eos_keys``), which
+    transformers' flash-attention path would read as padding and drop those tokens as queries too.
     """
     if not pack:
         return None
-    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None and not hidden_keys:
         return "flash_attention_2"
     return register_packed_attention()

@@ -11,9 +11,13 @@ The second step of the seed README's route (after ``zero_to_fp32.py``), called b
   it writes to, which would include the consolidated file being read.
 * The index is always written, even for one shard (then named ``-00001-of-00001``), so the
   output has one shape whatever the size.
-* Writing into the save path itself (the default), the consolidated ``pytorch_model.bin`` is
-  removed last, once every shard and the index are in place: ``from_pretrained`` prefers a
-  ``pytorch_model.bin`` over an index, so leaving it would make the shards dead weight.
+* Writing into the save path itself (the default), what the original's ``make_shards.sh``
+  removed goes last, once every shard and the index are in place: the consolidated
+  ``pytorch_model.bin`` (``from_pretrained`` prefers it over an index, so leaving it would make
+  the shards dead weight), the DeepSpeed checkpoint folders (``global_step*``, about 16 bytes
+  per parameter: ~100 GB at 7B), ``latest`` and ``zero_to_fp32.py`` (and DeepSpeed's ``zero_to_torch.py``). Each removal is printed;
+  ``--keep_deepspeed`` keeps the DeepSpeed state (to resume, or export again later).
+* The default shard size is the original's, 5GB.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ SIDE_FILES = (
     "tokenizer_config.json",
     "special_tokens_map.json",
     "added_tokens.json",
+    "train_config.yaml",  # its layout tells inference.py how to prompt the model
 )
 
 
@@ -56,7 +61,21 @@ def write_shards(state_dict: dict[str, torch.Tensor], tmp: Path, max_shard_size:
     return json.loads((tmp / INDEX).read_text())["weight_map"]
 
 
-def make_shards(save_path: str | Path, out_dir: str | Path | None = None, max_shard_size: str = "2GB") -> Path:
+DEFAULT_SHARD_SIZE = "5GB"  # the original's
+
+
+def deepspeed_state(save_path: Path) -> list[Path]:
+    """The DeepSpeed checkpoint files of a save path: tag folders, ``latest``, the converter."""
+    tags = sorted(p for p in save_path.glob("global_step*") if p.is_dir())
+    latest = save_path / "latest"
+    if latest.is_file() and (save_path / latest.read_text().strip()).is_dir():
+        tags = sorted(set(tags) | {save_path / latest.read_text().strip()})
+    converters = (save_path / "zero_to_fp32.py", save_path / "zero_to_torch.py")  # DeepSpeed drops both
+    return tags + [p for p in (latest, *converters) if p.is_file()]
+
+
+def make_shards(save_path: str | Path, out_dir: str | Path | None = None, max_shard_size: str = DEFAULT_SHARD_SIZE,
+                keep_deepspeed: bool = False) -> Path:
     """Shard ``save_path/pytorch_model.bin`` into ``out_dir`` (default: ``save_path``)."""
     save_path = Path(save_path).resolve()
     out = Path(out_dir).resolve() if out_dir is not None else save_path
@@ -86,6 +105,10 @@ def make_shards(save_path: str | Path, out_dir: str | Path | None = None, max_sh
     else:
         source.unlink()
         print(f"[make_shards] removed {source}: the shards and {INDEX} replace it")
+        if not keep_deepspeed:
+            for path in deepspeed_state(save_path):
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+                print(f"[make_shards] removed {path} (DeepSpeed state; --keep_deepspeed keeps it)")
     print(f"[make_shards] {len(set(weight_map.values()))} shard(s) + {INDEX} in {out}")
     return out
 
@@ -104,16 +127,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--out_dir",
         default=None,
-        help="where the shards go (default: SAVE_PATH, and pytorch_model.bin is removed once they are written); "
-        "another folder also gets config.json, generation_config.json and the tokenizer files",
+        help="where the shards go (default: SAVE_PATH, where pytorch_model.bin and the DeepSpeed state are removed "
+        "once they are written); another folder also gets config.json, generation_config.json, the tokenizer "
+        "files and train_config.yaml, and nothing is removed",
     )
-    parser.add_argument("--max_shard_size", default="2GB", help="largest shard, e.g. 2GB or 500MB (default 2GB)")
+    parser.add_argument("--max_shard_size", default=DEFAULT_SHARD_SIZE,
+                        help=f"largest shard, e.g. 2GB or 500MB (default {DEFAULT_SHARD_SIZE}, the original's)")
+    parser.add_argument("--keep_deepspeed", action="store_true",
+                        help="keep the DeepSpeed checkpoint folders, latest and zero_to_fp32.py in SAVE_PATH")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    make_shards(args.save_path, args.out_dir, args.max_shard_size)
+    make_shards(args.save_path, args.out_dir, args.max_shard_size, args.keep_deepspeed)
 
 
 if __name__ == "__main__":

@@ -2,10 +2,11 @@
 # Split SAVE_PATH/pytorch_model.bin (written by `python SAVE_PATH/zero_to_fp32.py SAVE_PATH
 # SAVE_PATH/pytorch_model.bin`) into pytorch_model-0000X-of-0000N.bin shards + index.
 #
-#   ./scripts/make_shards.sh [SAVE_PATH (default ./ckpt/openalpaca)] [--out_dir DIR] [--max_shard_size 2GB]
+#   ./scripts/make_shards.sh [SAVE_PATH (default ./ckpt/openalpaca)] [--out_dir DIR] [--max_shard_size 5GB] [--keep_deepspeed]
 #
-# Writing into SAVE_PATH itself (the default) removes pytorch_model.bin once the shards and the
-# index are written. Works from any directory; relative paths are taken from the caller's.
+# Writing into SAVE_PATH itself (the default) removes, as the original did, pytorch_model.bin,
+# the DeepSpeed checkpoint, latest and zero_to_fp32.py once the shards and the index are written
+# (--keep_deepspeed keeps the DeepSpeed state). Works from any directory; relative paths are the caller's.
 # PYTHON overrides the interpreter (default: the repo's .venv, else python3).
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

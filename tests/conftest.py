@@ -61,13 +61,14 @@ def clean_env() -> dict[str, str]:
     return env
 
 
-def run(cmd: list[str], timeout: int = 300, input: str | None = None) -> subprocess.CompletedProcess:
+def run(cmd: list[str], timeout: int = 300, input: str | None = None,
+        env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run a repo command from the repository root, as a user would.
 
     On a timeout the whole process group goes (the DeepSpeed launcher's ranks too: left running,
     they would slow every later test) and the test fails with the command's last output.
     """
-    with subprocess.Popen(cmd, cwd=REPO, env=clean_env(), text=True, start_new_session=True,
+    with subprocess.Popen(cmd, cwd=REPO, env={**clean_env(), **(env or {})}, text=True, start_new_session=True,
                           stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
         try:

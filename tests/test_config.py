@@ -1,6 +1,7 @@
 """The typed config: YAML + CLI, and the DeepSpeed JSON derived from it."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,6 @@ from openalpaca.config import (
     load_ds_config,
     load_yaml,
     resolve_ds_config,
-    steps_per_epoch,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,8 +48,21 @@ def test_accumulation_is_derived_from_the_world_size(world_size, gas):
 
 
 def test_total_steps_come_from_data_size_and_epochs():
-    assert steps_per_epoch(15011, 64) == 235  # the last, partial step is kept
-    assert steps_per_epoch(128, 64) == 2
+    from openalpaca.data import total_steps
+
+    assert total_steps(15011, 2, 64, "pad") == 2 * 235  # the last, partial step of each epoch is kept
+    assert total_steps(15011, 2, 64, "carry") == 30022 // 64 == 469  # the original's epochs * N // 64
+    assert total_steps(128, 1, 64, "pad") == total_steps(128, 1, 64, "carry") == 2
+
+
+def test_warmup_is_the_originals_and_fills_the_json():
+    cfg = TrainConfig()
+    assert cfg.warmup(469) == max(10, int(0.1 * 469)) == 46 and cfg.warmup(60) == 10 and cfg.warmup(5) == 10
+    ds = resolve_ds_config(SEED_DS, cfg, world_size=8, total_steps=469)
+    assert ds["scheduler"]["params"]["warmup_num_steps"] == 46
+    assert ds["scheduler"]["params"]["warmup_type"] == "log"
+    fast = TrainConfig(warmup_type="linear", warmup_ratio=0.0, warmup_steps=30)
+    assert resolve_ds_config(SEED_DS, fast, 8, 469)["scheduler"]["params"]["warmup_num_steps"] == 30
 
 
 def test_a_batch_the_world_cannot_divide_fails_clearly():
@@ -155,3 +168,28 @@ def test_malformed_zero_overrides_fail_naming_the_item(tmp_path, text, message):
 def test_a_zero_override_deepspeed_does_not_know_fails_before_training():
     with pytest.raises(ConfigError, match=r"zero_overrides: DeepSpeed has no zero_optimization setting overlap_com\b"):
         resolve_ds_config(SEED_DS, TrainConfig(zero_overrides="overlap_com=false"), world_size=1, total_steps=10)
+
+
+def test_default_config_is_the_original_recipe():
+    """config/openllama.yaml, as written, holds the original code's choices (README: what is the same)."""
+    cfg = load_config(["--config", str(REPO / "config" / "openllama.yaml")])
+    assert (cfg.layout, cfg.truncation, cfg.hide_eos_keys, cfg.loss_weighting, cfg.epoch_tail) == (
+        "original", "keep_end", True, "sample", "carry")
+    assert (cfg.warmup_steps, cfg.warmup_ratio, cfg.warmup_type, cfg.gradient_checkpointing) == (10, 0.1, "log", False)
+    assert (cfg.epochs, cfg.max_length, cfg.batch_size, cfg.micro_batch_size, cfg.lr) == (2, 1024, 64, 1, 2e-5)
+    assert not cfg.pack and not cfg.lora_r
+    fast = load_config(["--config", str(REPO / "config" / "openllama_fast.yaml")])
+    assert (fast.layout, fast.truncation, fast.hide_eos_keys, fast.loss_weighting, fast.epoch_tail, fast.pack) == (
+        "clean", "keep_prompt", False, "token", "pad", True)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("layout", "alpaca", "layout must be one of original, clean, got 'alpaca'"),
+    ("truncation", "left", "truncation must be one of keep_end, keep_prompt, got 'left'"),
+    ("loss_weighting", "mean", "loss_weighting must be one of sample, token, got 'mean'"),
+    ("epoch_tail", "drop", "epoch_tail must be one of pad, carry, got 'drop'"),
+    ("warmup_type", "cosine", "warmup_type must be one of log, linear, got 'cosine'"),
+])
+def test_unknown_recipe_values_fail_naming_the_key(key, value, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(["--config", str(REPO / "config" / "openllama.yaml"), f"--{key}", value])

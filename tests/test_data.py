@@ -4,25 +4,44 @@ import json
 
 import pytest
 
-from openalpaca.data import PAD_SLOT, SFTDataset, plan_epoch, read_alpaca
+from openalpaca.data import PAD_SLOT, SFTDataset, epoch_of, rank_micro_batches, read_alpaca, step_slots, total_steps
 from openalpaca.records import DataError
 from tests.conftest import make_records
 
 
 @pytest.mark.parametrize("world_size, micro", [(1, 1), (2, 1), (2, 3), (8, 1)])
-def test_every_sample_once_per_epoch_and_equal_microsteps(world_size, micro):
-    n, batch = 103, 24
-    plans = [plan_epoch(n, 1, 7, batch, micro, world_size, r) for r in range(world_size)]
-    seen = [i for plan in plans for step in plan for mb in step for i in mb if i != PAD_SLOT]
-    assert sorted(seen) == list(range(n))
-    assert len({len(p) for p in plans}) == 1 and len(plans[0]) == 5  # ceil(103 / 24)
-    assert {len(step) for p in plans for step in p} == {batch // (micro * world_size)}
+def test_pad_tail_every_sample_once_per_epoch_and_equal_microsteps(world_size, micro):
+    n, batch, epochs = 103, 24, 2
+    assert total_steps(n, epochs, batch, "pad") == 10  # ceil(103 / 24) per epoch
+    for epoch in range(epochs):
+        steps = range(epoch * 5, epoch * 5 + 5)
+        assert {epoch_of(s, n, batch, "pad") for s in steps} == {epoch}
+        plans = [[rank_micro_batches(step_slots(n, s, 7, batch, "pad"), micro, world_size, r) for s in steps]
+                 for r in range(world_size)]
+        seen = [i for plan in plans for step in plan for mb in step for i in mb if i != PAD_SLOT]
+        assert sorted(seen) == list(range(n))
+        assert {len(step) for p in plans for step in p} == {batch // (micro * world_size)}
 
 
-def test_plan_depends_only_on_seed_and_epoch():
-    assert plan_epoch(50, 3, 1, 8, 1, 2, 0) == plan_epoch(50, 3, 1, 8, 1, 2, 0)
-    assert plan_epoch(50, 3, 1, 8, 1, 2, 0) != plan_epoch(50, 4, 1, 8, 1, 2, 0)
-    assert plan_epoch(50, 3, 1, 8, 1, 2, 0) != plan_epoch(50, 3, 2, 8, 1, 2, 0)
+def test_carry_tail_runs_epochs_back_to_back_as_the_original():
+    """The original's count: epochs * N // batch steps; the stream is epoch 0's shuffle, then
+    epoch 1's, cut into batches; what is left after the last full batch is not used."""
+    n, batch, epochs = 103, 24, 2
+    assert total_steps(n, epochs, batch, "carry") == 206 // 24 == 8
+    stream = [i for s in range(8) for i in step_slots(n, s, 7, batch, "carry")]
+    order0, order1 = step_slots(n, 0, 7, 103, "pad"), step_slots(n, 1, 7, 103, "pad")
+    assert stream == (order0 + order1)[: 8 * 24]
+    assert PAD_SLOT not in stream
+    assert [epoch_of(s, n, batch, "carry") for s in range(8)] == [0, 0, 0, 0, 0, 1, 1, 1]
+
+
+def test_data_order_depends_only_on_seed_and_step():
+    for tail in ("pad", "carry"):
+        assert step_slots(50, 3, 1, 8, tail) == step_slots(50, 3, 1, 8, tail)
+        assert step_slots(50, 3, 1, 8, tail) != step_slots(50, 9, 1, 8, tail)  # another epoch's shuffle
+        assert step_slots(50, 3, 1, 8, tail) != step_slots(50, 3, 2, 8, tail)
+
+
 
 
 def test_dataset_skips_records_with_no_room(tokenizer):

@@ -168,15 +168,37 @@ def test_seed_command_then_make_shards(ckpt: dict[str, Any], tmp_path: Path) -> 
     assert set(state) == set(ckpt["init"]) and all(t.dtype == torch.float32 for t in state.values())
     assert not list(save.glob(".pytorch_model.bin.*")), "temp file left behind"
 
+    tokenizer_files = {p.name for p in save.iterdir() if p.name.startswith(("tokenizer", "special_tokens"))}
+    tags = [p.name for p in save.glob("global_step*")]
+    assert tags and (save / "latest").is_file()
     done = run([str(REPO / "scripts" / "make_shards.sh"), str(save), "--max_shard_size", SMALL_SHARD], cwd=tmp_path)
     assert "removed" in done.stdout
     assert not consolidated.exists(), "the consolidated file must go once the shards are written"
     weight_map = check_index(save, "pytorch_model.bin.index.json")
     shards = sorted(set(weight_map.values()))
+    # The original's make_shards.sh: what is left is the seed README's listing (plus our train_config.yaml);
+    # the DeepSpeed checkpoint, latest and zero_to_fp32.py are gone, each removal printed.
+    listing = {"config.json", "generation_config.json", "pytorch_model.bin.index.json", "train_config.yaml",
+               *tokenizer_files, *shards}
+    assert {p.name for p in save.iterdir()} == listing
+    for name in (*tags, "latest", "zero_to_fp32.py"):
+        assert f"removed {save / name} (DeepSpeed state" in done.stdout
     assert len(shards) >= 2
     assert all(re.fullmatch(rf"pytorch_model-\d{{5}}-of-{len(shards):05d}\.bin", s) for s in shards), shards
     torch.testing.assert_close(logits_of(load(save), ckpt["input_ids"]), ckpt["logits"], atol=1e-5, rtol=0)
     check_tokenizer(save)
+
+
+def test_make_shards_keep_deepspeed_keeps_the_checkpoint(ckpt: dict[str, Any], tmp_path: Path) -> None:
+    save = copy_save(ckpt["save"], tmp_path / "openalpaca")
+    run([sys.executable, f"{save}/zero_to_fp32.py", str(save), f"{save}/pytorch_model.bin"], cwd=tmp_path)
+    before = {p.name for p in save.iterdir()} - {"pytorch_model.bin"}
+    done = run([str(REPO / "scripts" / "make_shards.sh"), str(save), "--keep_deepspeed"], cwd=tmp_path)
+    assert "DeepSpeed state" not in done.stdout
+    after = {p.name for p in save.iterdir()}
+    assert before <= after and "pytorch_model.bin" not in after
+    assert (save / "pytorch_model-00001-of-00001.bin").is_file()  # 5GB shards by default: one here
+    torch.testing.assert_close(logits_of(load(save), ckpt["input_ids"]), ckpt["logits"], atol=1e-5, rtol=0)
 
 
 def test_make_shards_to_other_dir_keeps_source(ckpt: dict[str, Any], tmp_path: Path) -> None:

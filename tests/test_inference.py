@@ -1,10 +1,12 @@
 """inference.py in each mode on the tiny model, and the prompt it feeds the model."""
 
 import json
+import shutil
 import sys
 
 import pytest
 import torch
+import yaml
 
 from model.llama import load_model
 from openalpaca.generate import Sampling, generate
@@ -27,6 +29,43 @@ def test_generate_feeds_exactly_the_training_prefix(model, tokenizer, monkeypatc
     assert seen == [prompt_ids(tokenizer, *QUESTIONS[1])]
 
 
+def seed_snippet_ids(sp, instruction: str, input: str) -> list[int]:
+    """The seed README's snippet, written out: [bos] + LlamaTokenizer.encode(prompt) + [eos] + [bos]."""
+    prompt = (f"### Input:\n{input}\n\n### Instruction:\n{instruction}\n\n### Response:" if input
+              else f"### Instruction:\n{instruction}\n\n### Response:")
+    return ([1] + ([1] + sp.encode(prompt)) + [2] + [1])[-1024:]
+
+
+@pytest.mark.parametrize("record", [None, "original", "clean"])
+def test_inference_py_prompts_in_the_layout_recorded_next_to_the_checkpoint(tiny_model_dir, model, tokenizer, tmp_path,
+                                                                          monkeypatch, capsys, record):
+    """No record (the published checkpoints): exactly the snippet's ids, and its output cleaning."""
+    import sentencepiece as spm
+
+    import inference
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    if record:
+        (folder / "train_config.yaml").write_text(yaml.safe_dump({"layout": record, "dtype": "fp32"}))
+    sp = spm.SentencePieceProcessor(model_file=str(tiny_model_dir / "tokenizer.model"))
+    answer = sp.encode("red plum")
+    seen = []
+
+    def fake_generate(input_ids, **kwargs):
+        seen.append(input_ids[0].tolist())
+        return torch.cat([input_ids, torch.tensor([[1, *answer, 2]])], dim=1)  # the original layout's bos first
+
+    monkeypatch.setattr(model, "generate", fake_generate)
+    monkeypatch.setattr(inference, "load", lambda args: (model, tokenizer))
+    assert inference.main(["--model_path", str(folder), "--instruction", QUESTIONS[1][0], "--input", QUESTIONS[1][1],
+                           "--greedy"]) == 0
+    snippet = seed_snippet_ids(sp, *QUESTIONS[1])
+    assert seen == [snippet if record in (None, "original") else snippet[1:]]
+    # the snippet: decode with special tokens kept, drop <s> and </s>, strip
+    assert capsys.readouterr().out.splitlines()[-1] == sp.decode(answer).strip()
+
+
 def test_left_padded_batches_give_the_same_greedy_answers(model, tokenizer):
     greedy = Sampling(max_new_tokens=6, greedy=True)
     one_by_one = [generate(model, tokenizer, [q], greedy, batch_size=1)[0] for q in QUESTIONS]
@@ -45,7 +84,8 @@ def test_single_prompt_mode(tiny_model_dir, model, tokenizer):
     proc = run([sys.executable, "inference.py", "--model_path", str(tiny_model_dir), "--instruction",
                 "Repeat the words.", "--input", "red plum fig", "--greedy", "--max_new_tokens", "6"], timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    expected = generate(model, tokenizer, [QUESTIONS[1]], Sampling(max_new_tokens=6, greedy=True))[0]
+    # no train_config.yaml in the folder: the published checkpoints' (original) layout
+    expected = generate(model, tokenizer, [QUESTIONS[1]], Sampling(max_new_tokens=6, greedy=True), layout="original")[0]
     assert proc.stdout.splitlines()[-1] == expected
 
 
@@ -58,7 +98,8 @@ def test_file_mode_writes_jsonl_with_generated(tiny_model_dir, model, tokenizer,
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["id"] for r in rows] == [0, 1, 2]
-    assert [r["generated"] for r in rows] == generate(model, tokenizer, QUESTIONS, Sampling(6, greedy=True))
+    assert [r["generated"] for r in rows] == generate(model, tokenizer, QUESTIONS, Sampling(6, greedy=True),
+                                                      layout="original")
 
 
 def test_interactive_mode_streams_and_exits_on_empty_line(tiny_model_dir):

@@ -16,23 +16,22 @@ import torch.nn.functional as F
 
 from model.llama import load_model
 from openalpaca.config import ConfigError, TrainConfig
-from openalpaca.data import PAD_SLOT, SFTDataset, collate, micro_batches, plan_epoch
-from openalpaca.loss import token_ce_sum
+from openalpaca.batching import Batching, token_counts
+from openalpaca.data import PAD_SLOT, SFTDataset, collate, micro_batches, step_slots
+from openalpaca.loss import sft_ce_sum, token_ce_sum
 from openalpaca.packing import (
     collate_packed,
     model_inputs,
     pack_step,
     packed_micro_batches,
     packed_sdpa_attention,
-    plan_packed_epoch,
+    rank_packed_micro_batches,
     register_packed_attention,
     segment_attention,
-    token_budget,
-    token_counts,
     varlen_attention,
     varlen_kernel,
 )
-from openalpaca.prompts import IGNORE_INDEX, EncodedSample
+from openalpaca.prompts import IGNORE_INDEX, EncodedSample, SampleFormat
 from tests.conftest import make_records, run
 
 TOL = {"rtol": 1e-5, "atol": 1e-5}
@@ -88,6 +87,37 @@ def test_packed_losses_and_gradients_equal_one_by_one(models, samples):
 
     torch.testing.assert_close(packed_losses.detach(), torch.stack(seed_losses), **TOL)
     assert packed_losses.sum().item() == pytest.approx(sum(seed_losses).item(), rel=1e-6)
+    for name, p in seed_model.named_parameters():
+        torch.testing.assert_close(packed_grads[name], p.grad, **TOL, msg=lambda m: f"{name}: {m}")
+    packed_model.zero_grad(set_to_none=True)
+    seed_model.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("fmt, weighting", [(SampleFormat("original", "keep_end", True), "sample"),
+                                            (SampleFormat("clean", "keep_prompt", False), "token")])
+def test_packed_step_equals_unpacked_under_both_recipes(models, tokenizer, fmt, weighting):
+    """The trainer's packed loss (``sft_ce_sum`` with the batch's weights) and its gradients equal
+    transformers' own loss of each sample alone (its ``labels=`` mean, with the sample's attention
+    mask, hidden eos keys included), averaged per sample (original) or per token (fast)."""
+    packed_model, seed_model = models
+    samples = SFTDataset.from_records(make_records(8, seed=3), tokenizer, 64, fmt).samples
+    assert (0 in samples[0].mask) == fmt.hide_eos_keys
+
+    batch = collate_packed(samples, weighting)
+    total = len(samples) if weighting == "sample" else sum(s.num_supervised for s in samples)
+    loss = sft_ce_sum(packed_model, model_inputs(batch, "cpu"), batch["labels"], batch.get("weights")) / total
+    loss.backward()
+    packed_grads = {n: p.grad.clone() for n, p in packed_model.named_parameters()}
+
+    want = 0.0
+    for s in samples:
+        one = collate([s])
+        mean = seed_model(input_ids=one["input_ids"], attention_mask=one["attention_mask"], labels=one["labels"]).loss
+        part = mean / len(samples) if weighting == "sample" else mean * s.num_supervised / total
+        part.backward()
+        want += part.item()
+
+    assert loss.item() == pytest.approx(want, rel=1e-5)
     for name, p in seed_model.named_parameters():
         torch.testing.assert_close(packed_grads[name], p.grad, **TOL, msg=lambda m: f"{name}: {m}")
     packed_model.zero_grad(set_to_none=True)
@@ -207,31 +237,38 @@ def test_pad_micro_batch_carries_no_loss():
 # ---------------------------------------------------------------------------- the planner
 
 
+def packed_plan(lengths, epoch, seed, batch, budget, world, rank):
+    """One epoch of this rank's packed micro-batches (epoch tail: pad)."""
+    per_epoch = -(-len(lengths) // batch)
+    return [rank_packed_micro_batches(step_slots(len(lengths), s, seed, batch, "pad"), lengths, budget, world, rank)
+            for s in range(epoch * per_epoch, (epoch + 1) * per_epoch)]
+
+
 @pytest.mark.parametrize("world, budget", [(1, 1024), (2, 1024), (2, 2048), (8, 4096)])
 def test_every_sample_exactly_once_per_epoch_over_all_ranks(world, budget):
     lengths = dolly_like_lengths(1000)
     for epoch in range(2):
-        plans = [plan_packed_epoch(lengths, epoch, 7, 64, budget, world, r) for r in range(world)]
-        seed_plan = plan_epoch(len(lengths), epoch, 7, 64, 64, 1, 0)
+        seed_plan = [step_slots(len(lengths), s, 7, 64, "pad") for s in range(epoch * 16, epoch * 16 + 16)]
+        plans = [packed_plan(lengths, epoch, 7, 64, budget, world, r) for r in range(world)]
         assert all(len(p) == len(seed_plan) == 16 for p in plans)  # ceil(1000 / 64) optimizer steps
         seen = []
-        for step, (step_slots,) in enumerate(seed_plan):
+        for step, slots in enumerate(seed_plan):
             assert len({len(p[step]) for p in plans}) == 1, "ranks disagree on the micro-steps of a step"
             rows = [row for p in plans for row in p[step]]
             assert all(sum(lengths[i] for i in row) <= budget for row in rows)
             step_ids = [i for row in rows for i in row]
             # The same samples as the seed's step: lr and schedule mean the same thing.
-            assert sorted(step_ids) == sorted(i for i in step_slots if i != PAD_SLOT)
+            assert sorted(step_ids) == sorted(i for i in slots if i != PAD_SLOT)
             seen += step_ids
         assert sorted(seen) == list(range(len(lengths)))
-    assert plans[0] == plan_packed_epoch(lengths, 1, 7, 64, budget, world, 0)  # deterministic
-    assert plans[0] != plan_packed_epoch(lengths, 0, 7, 64, budget, world, 0)  # reshuffled per epoch
+    assert plans[0] == packed_plan(lengths, 1, 7, 64, budget, world, 0)  # deterministic
+    assert plans[0] != packed_plan(lengths, 0, 7, 64, budget, world, 0)  # reshuffled per epoch
 
 
 def test_rows_are_full_and_few():
     lengths = dolly_like_lengths(1000)
     world, budget = 2, 2048
-    plan = [plan_packed_epoch(lengths, 0, 0, 64, budget, world, r) for r in range(world)]
+    plan = [packed_plan(lengths, 0, 0, 64, budget, world, r) for r in range(world)]
     micro_steps = sum(len(step) for step in plan[0])
     assert micro_steps * 4 <= 1000 / world  # the seed runs one sample per micro-step
     # Each step needs ceil(tokens / (world * budget)) micro-steps, or one more when samples do not fit.
@@ -261,8 +298,11 @@ def test_token_counts_seed_and_packed(samples):
 
 
 def test_config_fields():
-    assert token_budget(TrainConfig(pack=True, max_length=512)) == 512
-    assert token_budget(TrainConfig(pack=True, max_length=512, max_tokens_per_micro_batch=2048)) == 2048
+    from train_sft import make_batching
+
+    assert make_batching(TrainConfig(pack=True, max_length=512), 1, 0).max_tokens == 512
+    assert make_batching(TrainConfig(pack=True, max_length=512, max_tokens_per_micro_batch=2048), 1, 0).max_tokens == 2048
+    assert not make_batching(TrainConfig(max_length=512), 1, 0).packed
     for kwargs, message in [
         ({"max_tokens_per_micro_batch": 2048}, "needs pack: true"),
         ({"pack": True, "max_tokens_per_micro_batch": 100, "max_length": 512}, ">= max_length 512"),

@@ -101,7 +101,10 @@ def test_resume_refuses_a_changed_data_order_before_building_the_model(tiny_mode
     save = tmp_path / "c"
     (save / "global_step3").mkdir(parents=True)
     (save / "latest").write_text("global_step3")
-    config = {"seed": 0, "batch_size": 4, "micro_batch_size": 1, "max_length": 1024, "epochs": 2}
+    from openalpaca.config import TrainConfig
+
+    config = {**TrainConfig().to_dict(), "seed": 0, "batch_size": 4, "micro_batch_size": 1, "max_length": 1024,
+              "epochs": 2}
     state = {"global_step": 3, "epoch": 0, "num_samples": 40, "world_size": 2, "config": config}
     (save / "global_step3" / "trainer_state.json").write_text(json.dumps(state))
     proc = run([sys.executable, "train_sft.py", "--model_path", str(tiny_model_dir), "--data_path", str(data),
