@@ -12,7 +12,6 @@ import math
 import os
 import random
 import shutil
-import signal
 import socket
 import sys
 import time
@@ -25,6 +24,7 @@ import torch.distributed as dist
 import yaml
 from tqdm import tqdm
 
+from model.attention import attention_implementation
 from model.llama import ModelPathError, check_model_folder, load_model, load_tokenizer, save_model_metadata
 from openalpaca.batching import Batching, token_counts
 from openalpaca.config import ConfigError, TrainConfig, load_config, load_ds_config, resolve_ds_config
@@ -32,15 +32,13 @@ from openalpaca.data import SFTDataset, micro_batches, read_alpaca, split_record
 from openalpaca.distributed import init_distributed
 from openalpaca.loss import num_targets, sft_ce_sum
 from openalpaca.metrics import MetricsLogger, plot_losses
-from openalpaca.packing import attention_implementation, model_inputs
+from openalpaca.packing import model_inputs
 from openalpaca.records import DataError
 
 REPO = Path(__file__).resolve().parent
 # Keys that decide which samples each step sees: a resumed run must agree on them.
 DATA_ORDER_KEYS = ("seed", "batch_size", "micro_batch_size", "max_length", "epochs", "epoch_tail", "layout",
                    "truncation")
-# Test hook: "save:N" kills the whole launch (SIGKILL) halfway through writing checkpoint N.
-CRASH_ENV = "OPENALPACA_CRASH_AT"
 CONFIG_NAME = "train_config.yaml"  # the resolved config, written next to every checkpoint
 DS_CONFIG_NAME = "ds_config.json"  # the DeepSpeed JSON as the engine got it ("auto" filled, overrides applied)
 STATE_NAME = "trainer_state_rank{rank}.pt"  # per-rank RNG state inside a checkpoint tag
@@ -132,7 +130,7 @@ def set_leaf_modules(model, names: list[str]) -> None:
     """Let ZeRO-3 gather each module of these classes (and everything inside it) in one go.
 
     DeepSpeed runs Python hooks before and after every submodule; for a small model on CPU they
-    are a large share of each step (config/demo.yaml: 3.92 -> 4.47 steps/s). Numerics do not change.
+    are a large share of each step (docs/results.md, ZeRO-3 on CPU). Numerics do not change.
     """
     from deepspeed.utils import set_z3_leaf_modules
 
@@ -182,8 +180,6 @@ def save_checkpoint(engine, cfg: TrainConfig, step: int, epoch: int, num_samples
     engine.save_checkpoint(str(save), tag=tmp, client_state=state, save_latest=False)
     if rank == 0:
         (save / tmp / TRAINER_STATE).write_text(json.dumps(state, indent=2))
-    if os.environ.get(CRASH_ENV) == f"save:{step}":
-        os.killpg(os.getpgid(0), signal.SIGKILL)
     rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
     torch.save(rng, save / tmp / STATE_NAME.format(rank=rank))
     dist.barrier()
@@ -208,12 +204,6 @@ def prune_checkpoints(save: Path, keep_last: int, keep: str) -> None:
             shutil.rmtree(path)
     for path in save.glob(TMP_PREFIX + "*"):
         shutil.rmtree(path, ignore_errors=True)
-
-
-def log_sample_ids(save_path: str, rank: int, step: int, ids: list[int]) -> None:
-    """Append which records this rank trained on at ``step``: proof that resuming loses none."""
-    with open(Path(save_path) / "logs" / f"samples_rank{rank}.jsonl", "a") as f:
-        f.write(json.dumps({"step": step, "ids": ids}) + "\n")
 
 
 def checkpoint_to_resume(cfg: TrainConfig, num_samples: int, world_size: int) -> str | None:
@@ -310,7 +300,6 @@ def train(cfg: TrainConfig, data: Prepared) -> None:
         epoch = batching.epoch(step, len(dataset))
         batches = batching.micro_batches(dataset, step)
         run.add_micro_batches(batches)
-        log_sample_ids(cfg.save_path, rank, step + 1, [i for b in batches for i in b["sample_ids"]])
         run.loss, n_tokens = train_step(engine, batches, world)
         step += 1
         run.supervised += n_tokens

@@ -5,12 +5,12 @@ Usage (from anywhere; the first run builds and caches the checkpoint, ~1.4 GB of
     .venv/bin/python bench/export_memory.py [--work_dir ckpt/bench_export] [--rebuild]
 
 1. Checkpoint (cached under ``--work_dir``, built once): a random LLaMA (hidden 2048, 4 layers,
-   vocab 32000: ~337 M parameters, ~1.35 GB fp32) partitioned by a real 2-rank ZeRO-3 engine
-   (``tests/helpers_engine.py --from_config`` under ``torchrun --standalone --nproc_per_node 2``), one
-   AdamW step so the optimizer files hold Adam moments as a training checkpoint does, then
-   ``engine.save_checkpoint`` and the trainer's side files.
+   vocab 32000: ~337 M parameters, ~1.35 GB fp32) trained one step by the trainer itself
+   (``scripts/train_sft.sh --num_gpus 2``: 2 CPU ranks, ZeRO-3), so the optimizer files hold Adam
+   moments as a training checkpoint does, next to the trainer's side files.
 2. Seed route, in a copy of the save path (tag folder linked): the README's
-   ``python SAVE/zero_to_fp32.py SAVE SAVE/pytorch_model.bin`` then ``scripts/make_shards.sh SAVE``.
+   ``python SAVE/zero_to_fp32.py SAVE SAVE/pytorch_model.bin`` then ``scripts/make_shards.sh SAVE
+   --keep_deepspeed`` (the linked checkpoint stays for the next route).
 3. ``scripts/export_hf.sh SAVE OUT`` with its defaults (safetensors, training dtype fp32, 5GB shards).
 
 Method: every command runs as a child process; a sampler reads ``RssAnon`` from
@@ -121,23 +121,20 @@ def build_checkpoint(work: Path) -> Path:
     if (save / "latest").is_file():
         return save
     sys.path.insert(0, str(REPO))
-    from transformers import GenerationConfig
-
-    from model.tiny import llama_config, train_tokenizer
-    from openalpaca.prompts import BOS_ID, EOS_ID, PAD_ID
+    from demo.tiny import llama_config, train_tokenizer, write_tiny_llama
 
     shutil.rmtree(work, ignore_errors=True)
-    base = work / "base"
+    base, data = work / "base", work / "data.json"
     train_tokenizer(["the quick brown fox jumps over the lazy dog"] * 20, base, vocab_size=320)
-    llama_config(VOCAB, **SHAPE).save_pretrained(base)
-    GenerationConfig(bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID).save_pretrained(base)
+    write_tiny_llama(base, llama_config(VOCAB, **SHAPE))
+    data.write_text(json.dumps([{"instruction": "Name an animal.", "input": "", "output": "the fox"}] * 2))
     started = time.perf_counter()
-    sys.path.insert(0, str(REPO / "tests"))
-    import helpers_engine
-
-    helpers_engine.make_trained_checkpoint(
-        base, save, None, steps=1, nproc=2, from_config=True, seq_len=8, timeout=None
-    )
+    cmd = ["bash", str(REPO / "scripts" / "train_sft.sh"), "--num_gpus", "2", "--model_path", str(base),
+           "--data_path", str(data), "--save_path", str(save), "--epochs", "1", "--batch_size", "2",
+           "--max_length", "64", "--dtype", "fp32"]
+    proc = subprocess.run(cmd, cwd=REPO, env={**child_env(), "PYTHON": PYTHON}, capture_output=True, text=True)
+    if proc.returncode != 0 or not (save / "latest").is_file():
+        sys.exit(f"training the checkpoint failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     print(f"built 2-rank ZeRO-3 checkpoint in {save} ({time.perf_counter() - started:.0f} s)")
     return save
 
@@ -192,7 +189,8 @@ def main(argv: list[str] | None = None) -> None:
         args.interval,
         child_env(),
     )
-    shards = measure([str(REPO / "scripts" / "make_shards.sh"), str(seed_dir)], work, args.interval, child_env())
+    shards = measure([str(REPO / "scripts" / "make_shards.sh"), str(seed_dir), "--keep_deepspeed"], work, args.interval,
+                     child_env())
     export_out = work / "export_out"
     shutil.rmtree(export_out, ignore_errors=True)
     export = measure(

@@ -3,7 +3,7 @@
 The trainer's own pieces do the work: ``collate_packed`` builds the rows (positions restart per
 sample, ``cu_seq_lens``), ``attention_implementation(pack=True)`` picks the attention the trainer
 would (flash-attention varlen when ``flash_attn`` is installed, else the per-sample SDPA of
-``openalpaca/packing.py``) and ``sft_ce_sum`` is the loss (LM head on scored positions only).
+``model/attention.py``) and ``sft_ce_sum`` is the loss (LM head on scored positions only).
 Samples are random token ids with dolly-like lengths (``bench/throughput.py``'s records: mostly
 short, a long tail, cut at 1024 tokens; the prompt is not scored). One process, no DeepSpeed: on
 one GPU ZeRO has nothing to shard, and this measures how well the packed step uses the chip.
@@ -37,14 +37,8 @@ from throughput import dolly_like_records  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from openalpaca.loss import sft_ce_sum  # noqa: E402
-from openalpaca.packing import (  # noqa: E402
-    attention_implementation,
-    collate_packed,
-    model_inputs,
-    segment_attention,
-    torch_varlen_attn,
-    varlen_attention,
-)
+from model.attention import attention_implementation, segment_attention, torch_varlen_attn, varlen_attention  # noqa: E402
+from openalpaca.packing import collate_packed, model_inputs  # noqa: E402
 from openalpaca.prompts import BOS_ID, EOS_ID, IGNORE_INDEX, EncodedSample  # noqa: E402
 
 TOKENS_PER_WORD = 1.3  # LLaMA's sentencepiece on English prose, roughly

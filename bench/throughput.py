@@ -19,10 +19,12 @@ third of the records, a response; lognormal lengths give many short samples and 
 truncated at 1024 tokens (statistics printed). Each rank runs one thread (``OMP_NUM_THREADS=1``:
 two ranks on two cores), in both modes.
 
-Numbers come from the trainer's own line (rank 0, at the end): ``throughput: M micro-steps per rank,
-T tokens processed (P padding), S supervised, Xs training``; X is the wall time of the
-training loop (no start-up, no final checkpoint). Tokens per second are supervised tokens over
-X; padding_fraction is P / T of the packed run; micro-steps are per rank for the one epoch.
+Numbers come from the summary the trainer writes at the end, ``SAVE_PATH/logs/summary.json``:
+``train_seconds`` is the wall time of the training loop (no start-up, no final checkpoint).
+Tokens per second are ``supervised_tokens`` over it; padding_fraction is ``padding_tokens /
+tokens_processed`` of the packed run; micro-steps are per rank for the one epoch. Both modes run
+the fast recipe's data order and loss (``--epoch_tail pad --loss_weighting token``), so they
+train the same samples in every step.
 With ``--repeats N`` the modes alternate and each mode's median is reported. The last line is JSON.
 """
 
@@ -33,7 +35,6 @@ import json
 import math
 import os
 import random
-import re
 import statistics
 import subprocess
 import sys
@@ -45,10 +46,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 SHAPE = {"hidden_size": 256, "num_layers": 4, "num_heads": 8, "intermediate_size": 1024}
-THROUGHPUT = re.compile(
-    r"throughput: (?P<micro>\d+) micro-steps per rank, (?P<tokens>\d+) tokens processed "
-    r"\((?P<padding>\d+) padding\), (?P<supervised>\d+) supervised, (?P<seconds>[\d.]+)s training"
-)
 MODES = {
     "seed": ["--pack", "false", "--micro_batch_size", "1"],
     "packed": ["--pack", "true"],
@@ -88,7 +85,7 @@ def build(work: Path, samples: int) -> tuple[Path, Path, int, list[int]]:
     from transformers import LlamaForCausalLM
 
     from model.llama import load_tokenizer
-    from model.tiny import llama_config, tokenizer_vocab_size, train_tokenizer, write_tiny_llama
+    from demo.tiny import llama_config, tokenizer_vocab_size, train_tokenizer, write_tiny_llama
     from openalpaca.data import SFTDataset
 
     records = dolly_like_records(samples)
@@ -105,20 +102,24 @@ def build(work: Path, samples: int) -> tuple[Path, Path, int, list[int]]:
 
 
 def train(mode: str, data: Path, model: Path, save: Path, max_tokens: int) -> dict[str, float]:
-    """One launcher run; the trainer's throughput line as numbers."""
+    """One launcher run; the trainer's logs/summary.json as numbers."""
     args = ["--model_path", str(model), "--data_path", str(data), "--save_path", str(save), "--epochs", "1",
             "--batch_size", "64", "--max_length", "1024", "--dtype", "fp32", "--gradient_checkpointing", "false",
-            "--lr", "1e-3", "--warmup_steps", "1", "--logging_steps", "1000", "--eval_ratio", "0", *MODES[mode]]
+            "--lr", "1e-3", "--warmup_steps", "1", "--logging_steps", "1000", "--eval_ratio", "0",
+            "--epoch_tail", "pad", "--loss_weighting", "token", *MODES[mode]]
     if mode == "packed":
         args += ["--max_tokens_per_micro_batch", str(max_tokens)]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHON": sys.executable,
            "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(["bash", "scripts/train_sft.sh", "--num_gpus", "2", *args], cwd=REPO, env=env,
                           capture_output=True, text=True)
-    found = THROUGHPUT.search(proc.stdout)
-    if proc.returncode != 0 or not found:
+    summary = save / "logs" / "summary.json"
+    if proc.returncode != 0 or not summary.is_file():
         sys.exit(f"{mode} run failed (exit {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
-    return {k: float(v) for k, v in found.groupdict().items()}
+    found = json.loads(summary.read_text())
+    return {"micro": found["micro_steps_per_rank"], "tokens": found["tokens_processed"],
+            "padding": found["padding_tokens"], "supervised": found["supervised_tokens"],
+            "seconds": found["train_seconds"]}
 
 
 def main() -> None:

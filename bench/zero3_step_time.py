@@ -10,11 +10,13 @@ engine, then 50 steps of the same model in plain PyTorch on the same micro-batch
 
 It times padded micro-batches of ``micro_batch_size`` samples (one per optimizer step), hence
 ``--pack false`` over config/demo.yaml's packing. The numbers behind config/demo.yaml's
-``zero_overrides`` (README, Throughput).
+``zero_overrides`` (docs/results.md, ZeRO-3 on CPU). The last line is JSON: milliseconds per
+step of each phase, averaged over the ranks.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -30,13 +32,12 @@ import train_sft  # noqa: E402
 from model.llama import load_model  # noqa: E402
 from openalpaca.config import load_config  # noqa: E402
 from openalpaca.distributed import init_distributed  # noqa: E402
-from openalpaca.loss import token_ce_sum  # noqa: E402
-from openalpaca.prompts import IGNORE_INDEX  # noqa: E402
+from openalpaca.loss import num_targets, token_ce_sum  # noqa: E402
 
 WARMUP, STEPS = 10, 50
 
 
-def time_steps(name: str, forward, backward, step, batches, rank: int) -> None:
+def time_steps(name: str, forward, backward, step, batches, rank: int) -> dict[str, float]:
     dist.barrier()
     spent = torch.zeros(3, dtype=torch.float64)
     for i, batch in enumerate(batches):
@@ -52,6 +53,11 @@ def time_steps(name: str, forward, backward, step, batches, rank: int) -> None:
     fwd, bwd, opt = (1000 * spent / (len(batches) - WARMUP)).tolist()
     print(f"rank {rank} {name}: forward {fwd:.1f} ms, backward {bwd:.1f} ms, step {opt:.1f} ms, "
           f"total {fwd + bwd + opt:.1f} ms", flush=True)
+    mean = torch.tensor([fwd, bwd, opt], dtype=torch.float64)
+    dist.all_reduce(mean)
+    fwd, bwd, opt = (mean / dist.get_world_size()).tolist()
+    return {"forward": round(fwd, 1), "backward": round(bwd, 1), "step": round(opt, 1),
+            "total": round(fwd + bwd + opt, 1)}
 
 
 def main() -> None:
@@ -60,15 +66,16 @@ def main() -> None:
     init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(cfg.seed)
-    plan = train_sft.plan_epoch(len(data.train_set), 0, cfg.seed, cfg.batch_size, cfg.micro_batch_size, world, rank)
-    batches = [train_sft.micro_batches(data.train_set, plan[i])[0] for i in range(WARMUP + STEPS)]
+    batching = train_sft.make_batching(cfg, world, rank)
+    batches = [batching.micro_batches(data.train_set, i)[0] for i in range(WARMUP + STEPS)]
 
     def loss_of(model, batch):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return token_ce_sum(logits, batch["labels"]) / max(1, int((batch["labels"] != IGNORE_INDEX).sum()))
+        return token_ce_sum(logits, batch["labels"]) / max(1, num_targets(batch["labels"]))
 
     engine = train_sft.build_engine(cfg, data.ds_config)
-    time_steps("deepspeed", lambda b: loss_of(engine, b), engine.backward, engine.step, batches, rank)
+    result = {"deepspeed_ms": time_steps("deepspeed", lambda b: loss_of(engine, b), engine.backward, engine.step,
+                                         batches, rank)}
 
     model = load_model(cfg.model_path)
     model.config.use_cache = False
@@ -79,7 +86,11 @@ def main() -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    time_steps("plain PyTorch", lambda b: loss_of(model, b), lambda loss: loss.backward(), plain_step, batches, rank)
+    result["plain_pytorch_ms"] = time_steps("plain PyTorch", lambda b: loss_of(model, b), lambda loss: loss.backward(),
+                                            plain_step, batches, rank)
+    if rank == 0:
+        print(json.dumps({**result, "world_size": world, "micro_batch_size": cfg.micro_batch_size,
+                          "zero_overrides": cfg.zero_overrides}))
 
 
 if __name__ == "__main__":

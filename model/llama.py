@@ -9,15 +9,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
 from transformers import GenerationConfig, LlamaForCausalLM
 
+from model.dtypes import TORCH_DTYPES
 from model.tokenizer import BOS_ID, EOS_ID, PAD_ID, ModelPathError, load_tokenizer
 
-__all__ = ["ModelPathError", "load_tokenizer", "check_model_folder", "load_model", "save_model_metadata"]
+__all__ = ["TORCH_DTYPES", "ModelPathError", "load_tokenizer", "check_model_folder", "load_model", "save_model_metadata"]
 
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "model*.bin")
-TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def check_model_folder(path: str | Path, need_weights: bool = True) -> None:

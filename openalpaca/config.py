@@ -143,6 +143,17 @@ class TrainConfig:
         return max(self.warmup_steps, int(self.warmup_ratio * total_steps))
 
 
+def split_pairs(text: str) -> list[tuple[str, str, str, str]]:
+    """``"a=1, b = 2"`` -> ``[("a=1", "a", "=", "1"), ("b = 2", "b", "=", "2")]``: each comma-separated
+    item with its key, its ``=`` (empty when missing) and its value, stripped; empty items skipped.
+
+    >>> split_pairs("a=1, b = 2,, c")
+    [('a=1', 'a', '=', '1'), ('b = 2', 'b', '=', '2'), ('c', 'c', '', '')]
+    """
+    return [(item, *(piece.strip() for piece in item.partition("="))) for item in
+            filter(None, (part.strip() for part in text.split(",")))]
+
+
 def parse_zero_overrides(text: str) -> dict[str, Any]:
     """``"overlap_comm=false, reduce_bucket_size=5e7"`` -> ``{"overlap_comm": False, "reduce_bucket_size": 5e7}``.
 
@@ -150,8 +161,7 @@ def parse_zero_overrides(text: str) -> dict[str, Any]:
     {'stage3_param_persistence_threshold': 0, 'overlap_comm': False}
     """
     overrides: dict[str, Any] = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        key, sep, value = (piece.strip() for piece in item.partition("="))
+    for item, key, sep, value in split_pairs(text):
         try:
             parsed = json.loads(value) if sep and key else None
         except json.JSONDecodeError:

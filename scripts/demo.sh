@@ -7,8 +7,8 @@
 # Same code path as the real run: dolly-format data -> process_dataset.py -> scripts/train_sft.sh
 # (DeepSpeed ZeRO-3, 2 CPU ranks, dsconfig/openllama.json with config/demo.yaml) -> the seed's
 # zero_to_fp32.py command -> scripts/make_shards.sh -> from_pretrained -> greedy answers through
-# the inference code path. Only the data (synthetic, openalpaca/synthetic.py) and the base model
-# (random-init, openalpaca/demo.py) stand in for dolly and OpenLLaMA-7B.
+# the inference code path. Only the data (synthetic, demo/synthetic.py) and the base model
+# (random-init, demo/__main__.py) stand in for dolly and OpenLLaMA-7B.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/python.sh"
 cd "$REPO"
@@ -26,14 +26,14 @@ stage() { echo; echo "=== [$((SECONDS - start))s] $*"; }
 
 rm -rf "$OUT" && mkdir -p "$OUT"
 stage "1/6 synthetic dolly-format data (train and held-out, disjoint by construction)"
-"$PYTHON" -m openalpaca.synthetic --out_dir "$OUT/data" --n_train "$N_TRAIN" --n_heldout "$N_HELDOUT" --seed 0 \
+"$PYTHON" -m demo.synthetic --out_dir "$OUT/data" --n_train "$N_TRAIN" --n_heldout "$N_HELDOUT" --seed 0 \
     --weights "$TASK_WEIGHTS"
 
 stage "2/6 process_dataset.py: dolly -> Alpaca format"
 "$PYTHON" process_dataset.py --input "$OUT/data/train.jsonl" --output "$OUT/data/openalpaca.json"
 
 stage "3/6 base model: sentencepiece tokenizer (bos 1, eos 2) + random-init tiny LLaMA"
-"$PYTHON" -m openalpaca.demo base --out_dir "$OUT/base"
+"$PYTHON" -m demo base --out_dir "$OUT/base"
 
 stage "4/6 train: DeepSpeed ZeRO-3 on 2 CPU ranks"
 bash scripts/train_sft.sh --num_gpus 2 --config config/demo.yaml \
@@ -44,5 +44,5 @@ stage "5/6 the seed's conversion: zero_to_fp32.py, then make_shards.sh"
 bash scripts/make_shards.sh "$SAVE" --max_shard_size 2MB
 
 stage "6/6 held-out exact match, greedy, through the inference code path"
-"$PYTHON" -m openalpaca.demo eval --base "$OUT/base" --trained "$SAVE" --heldout "$OUT/data/heldout.jsonl" \
+"$PYTHON" -m demo eval --base "$OUT/base" --trained "$SAVE" --heldout "$OUT/data/heldout.jsonl" \
     --started_at "$started_at"

@@ -34,19 +34,14 @@ from pathlib import Path
 import torch
 from huggingface_hub import save_torch_state_dict
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from model.export import MODEL_FILES, RUN_RECORD  # noqa: E402
+from model.tokenizer import TOKENIZER_FILES  # noqa: E402
+
 CONSOLIDATED = "pytorch_model.bin"
 INDEX = "pytorch_model.bin.index.json"
 SHARD_RE = re.compile(r"pytorch_model-\d{5}-of-\d{5}\.bin")
-SIDE_FILES = (
-    "config.json",
-    "generation_config.json",
-    "tokenizer.model",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "train_config.yaml",  # its layout tells inference.py how to prompt the model
-)
+SIDE_FILES = (*MODEL_FILES, RUN_RECORD, *TOKENIZER_FILES)  # copied along to another --out_dir
 
 
 def write_shards(state_dict: dict[str, torch.Tensor], tmp: Path, max_shard_size: str) -> dict[str, str]:
@@ -107,7 +102,7 @@ def make_shards(save_path: str | Path, out_dir: str | Path | None = None, max_sh
         print(f"[make_shards] removed {source}: the shards and {INDEX} replace it")
         if not keep_deepspeed:
             for path in deepspeed_state(save_path):
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
+                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
                 print(f"[make_shards] removed {path} (DeepSpeed state; --keep_deepspeed keeps it)")
     print(f"[make_shards] {len(set(weight_map.values()))} shard(s) + {INDEX} in {out}")
     return out

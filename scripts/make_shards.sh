@@ -9,9 +9,5 @@
 # (--keep_deepspeed keeps the DeepSpeed state). Works from any directory; relative paths are the caller's.
 # PYTHON overrides the interpreter (default: the repo's .venv, else python3).
 set -euo pipefail
-REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-PYTHON="${PYTHON:-}"
-if [[ -z "$PYTHON" ]]; then
-    if [[ -x "$REPO/.venv/bin/python" ]]; then PYTHON="$REPO/.venv/bin/python"; else PYTHON=python3; fi
-fi
+source "$(dirname "${BASH_SOURCE[0]}")/python.sh"
 exec "$PYTHON" "$REPO/scripts/make_shards.py" "$@"

@@ -1,10 +1,17 @@
 #!/usr/bin/env bash
-# Create ./.venv and install the pinned requirements (CPU torch 2.13.0).
+# Create the virtual environment ./.venv and install the pinned requirements (CPU torch 2.13.0).
 # GPU machines: set TORCH_SPEC to your CUDA build first, e.g.
 #   TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128" bash scripts/setup.sh
+# The environment itself lives outside the checkout (VENV_DIR, default ~/.cache/openalpaca/venv-*)
+# and ./.venv links to it, so searching the source tree never wades through installed packages.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[[ -x .venv/bin/python ]] || python3 -m venv .venv
+if [[ ! -e .venv ]]; then
+    VENV_DIR=${VENV_DIR:-$HOME/.cache/openalpaca/venv-$(pwd | sha1sum | cut -c1-12)}
+    mkdir -p "$(dirname "$VENV_DIR")"
+    [[ -x "$VENV_DIR/bin/python" ]] || python3 -m venv "$VENV_DIR"
+    ln -s "$VENV_DIR" .venv
+fi
 .venv/bin/python -m pip install -q --upgrade pip
 # torch first and alone: an unpinned or indirect request would pull a multi-GB CUDA build.
 # shellcheck disable=SC2086

@@ -32,7 +32,7 @@ def make_records(n: int, seed: int = 0) -> list[dict[str, str]]:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny LLaMA HF folder shaped like openllama_ckpt/ (tokenizer.model, config, weights)."""
-    from model.tiny import make_tiny_checkpoint
+    from demo.tiny import make_tiny_checkpoint
 
     out = tmp_path_factory.mktemp("tiny_llama")
     texts = [" ".join(WORDS)] * 4 + [json.dumps(r) for r in make_records(50)]
@@ -79,3 +79,22 @@ def run(cmd: list[str], timeout: int = 300, input: str | None = None,
             pytest.fail(f"timed out after {timeout}s: {' '.join(map(str, cmd))}\n"
                         f"--- stdout (end) ---\n{out[-3000:]}\n--- stderr (end) ---\n{err[-3000:]}")
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+@pytest.fixture(scope="session")
+def samples(tokenizer):
+    """Eight real samples of different lengths (the tiny tokenizer's Alpaca layout)."""
+    from openalpaca.data import SFTDataset
+
+    return SFTDataset.from_records(make_records(8, seed=3), tokenizer, max_length=64).samples
+
+
+@pytest.fixture(scope="session")
+def models(tiny_model_dir):
+    """The same tiny LLaMA twice: with the packed attention and with transformers' sdpa."""
+    from model.attention import register_packed_attention
+    from model.llama import load_model
+
+    packed = load_model(tiny_model_dir, "fp32", attn_implementation=register_packed_attention())
+    seed = load_model(tiny_model_dir, "fp32", attn_implementation="sdpa")
+    return packed, seed

@@ -26,8 +26,9 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-MODEL_FILES = ("config.json", "generation_config.json")
+sys.path.insert(0, str(REPO))
+from model.export import MODEL_FILES  # noqa: E402
+from model.tokenizer import TOKENIZER_FILES  # noqa: E402
 
 
 def free_port() -> int:

@@ -3,8 +3,12 @@
 import json
 import re
 
-from openalpaca import synthetic
+import pytest
+
+from demo import synthetic
 from tests.conftest import run
+
+pytestmark = pytest.mark.slow  # launcher runs and child processes
 
 
 def test_reduced_demo_runs_every_stage(tmp_path):

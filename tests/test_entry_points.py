@@ -18,14 +18,15 @@ ENTRY_POINTS = [
     ("process_dataset", REPO),  # python process_dataset.py
     ("train_sft", REPO),  # python train_sft.py / scripts/train_sft.sh (cd's to the root)
     ("inference", REPO),  # python inference.py
-    ("openalpaca.export", REPO),  # python -m openalpaca.export (scripts/export_hf.sh)
-    ("openalpaca.synthetic", REPO),  # python -m openalpaca.synthetic (scripts/demo.sh)
-    ("openalpaca.demo", REPO),  # python -m openalpaca.demo (scripts/demo.sh)
+    ("model.export", REPO),  # python -m model.export (scripts/export_hf.sh)
+    ("demo.synthetic", REPO),  # python -m demo.synthetic (scripts/demo.sh)
+    ("demo.__main__", REPO),  # python -m demo (scripts/demo.sh)
     ("model.download", REPO),  # python -m model.download (scripts/download.sh)
     ("zero_to_fp32", REPO / "scripts"),  # python {save_path}/zero_to_fp32.py
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("module, first_on_path", ENTRY_POINTS, ids=[m for m, _ in ENTRY_POINTS])
 def test_hf_datasets_not_shadowed(module, first_on_path):
     code = f"import {module}, datasets; print(datasets.__file__); print(callable(datasets.load_dataset))"

@@ -23,6 +23,7 @@ import re
 import shutil
 import subprocess
 import sys
+
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +35,11 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
 import helpers_engine  # noqa: E402  (sibling helper module, tests/ is not a package)
-from model.tiny import llama_config, make_tiny_checkpoint, tokenizer_vocab_size, write_tiny_llama  # noqa: E402
-from openalpaca import export as export_mod  # noqa: E402
+from demo.tiny import llama_config, make_tiny_checkpoint, tokenizer_vocab_size, write_tiny_llama  # noqa: E402
+from model import export as export_mod  # noqa: E402
 from openalpaca.prompts import BOS_ID, EOS_ID  # noqa: E402
+
+pytestmark = pytest.mark.slow  # launcher runs and child processes
 
 TEXTS = ["the quick brown fox jumps over the lazy dog and the cat sat on the mat"] * 20
 SHAPE = {"hidden_size": 32, "num_layers": 2, "num_heads": 4}

@@ -80,6 +80,7 @@ def test_sampling_is_reproducible_with_a_seed(model, tokenizer):
     assert answers[0] == answers[1]
 
 
+@pytest.mark.slow
 def test_single_prompt_mode(tiny_model_dir, model, tokenizer):
     proc = run([sys.executable, "inference.py", "--model_path", str(tiny_model_dir), "--instruction",
                 "Repeat the words.", "--input", "red plum fig", "--greedy", "--max_new_tokens", "6"], timeout=120)
@@ -89,6 +90,7 @@ def test_single_prompt_mode(tiny_model_dir, model, tokenizer):
     assert proc.stdout.splitlines()[-1] == expected
 
 
+@pytest.mark.slow
 def test_file_mode_writes_jsonl_with_generated(tiny_model_dir, model, tokenizer, tmp_path):
     src = tmp_path / "q.json"
     src.write_text(json.dumps([{"instruction": i, "input": c, "id": n} for n, (i, c) in enumerate(QUESTIONS)]))
@@ -102,6 +104,7 @@ def test_file_mode_writes_jsonl_with_generated(tiny_model_dir, model, tokenizer,
                                                       layout="original")
 
 
+@pytest.mark.slow
 def test_interactive_mode_streams_and_exits_on_empty_line(tiny_model_dir):
     proc = run([sys.executable, "inference.py", "--model_path", str(tiny_model_dir), "--interactive", "--greedy",
                 "--max_new_tokens", "4"], timeout=120, input="Name a fruit.\n\nNever read.\n")
@@ -109,6 +112,7 @@ def test_interactive_mode_streams_and_exits_on_empty_line(tiny_model_dir):
     assert proc.stdout.count("### Instruction:") == 2  # asked twice: one answer, then the empty line quits
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "args, message",
     [

@@ -2,11 +2,14 @@
 
 import sys
 
+import pytest
 import torch
 from peft import PeftModel
 
 from model.llama import load_model
 from tests.conftest import run
+
+pytestmark = pytest.mark.slow  # launcher runs and child processes
 
 ARGS = ["--epochs", "2", "--batch_size", "8", "--micro_batch_size", "8", "--lr", "1e-2", "--warmup_steps", "1",
         "--dtype", "fp32", "--lora_r", "4", "--lora_alpha", "8", "--lora_target_modules", "q_proj,v_proj,down_proj"]

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from model.tiny import llama_config
+from demo.tiny import llama_config
 from openalpaca.loss import scored_positions, sft_ce_sum, token_ce_sum
 from openalpaca.prompts import IGNORE_INDEX
 

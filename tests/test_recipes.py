@@ -19,7 +19,7 @@ import sentencepiece as spm
 import torch
 
 from model.llama import load_model
-from tests.conftest import REPO, make_records, run
+from tests.conftest import make_records, run
 
 pytestmark = pytest.mark.slow
 N_RECORDS = 320  # 2 epochs x 320 // 64 = 10 steps (original); 2 x ceil(320 / 64) = 10 (fast)

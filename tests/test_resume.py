@@ -1,6 +1,7 @@
 """Checkpoints and exact resume on 2 CPU ranks through the DeepSpeed launcher.
 
-Run A trains uninterrupted. Run B is SIGKILLed after a checkpoint, resumed, killed again in the
+Both runs go through tests/trace_train.py (train_sft.py with the sample ids of every step recorded,
+and a SIGKILL in the middle of writing a chosen checkpoint). Run A trains uninterrupted. Run B is SIGKILLed after a checkpoint, resumed, killed again in the
 middle of writing a checkpoint, and resumed again. A and B must end with the same weights and
 must have trained every optimizer step on the same samples.
 """
@@ -8,6 +9,7 @@ must have trained every optimizer step on the same samples.
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,6 +18,8 @@ import pytest
 
 from tests.conftest import REPO, clean_env, make_records, run
 from tests.test_train import losses
+
+pytestmark = pytest.mark.slow  # launcher runs and child processes
 
 ARGS = ["--epochs", "2", "--batch_size", "4", "--micro_batch_size", "1", "--lr", "5e-3", "--warmup_steps", "1",
         "--dtype", "fp32", "--gradient_checkpointing", "false", "--save_steps", "4", "--keep_last", "2"]
@@ -30,10 +34,25 @@ def data(tmp_path_factory):
 
 
 def launch(model, data, save, *extra, env=None):
-    cmd = ["bash", "scripts/train_sft.sh", "--num_gpus", "2", "--model_path", str(model), "--data_path", str(data),
-           "--save_path", str(save), *ARGS, *extra]
-    return subprocess.Popen(cmd, cwd=REPO, env={**clean_env(), **(env or {})}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    """The DeepSpeed launcher on 2 CPU ranks, running tests/trace_train.py (train_sft.py plus the
+    per-step sample ids in ``trace(save)``, and CRASH_AT_SAVE)."""
+    trace(save).mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
+           "tests/trace_train.py", "--model_path", str(model), "--data_path", str(data), "--save_path", str(save),
+           *ARGS, *extra]
+    env = {**clean_env(), "OMP_NUM_THREADS": "1", "TRACE_DIR": str(trace(save)), **(env or {})}
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def trace(save):
+    return save.parent / f"{save.name}-trace"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def finish(proc, timeout=300):
@@ -51,7 +70,7 @@ def steps_seen(save):
     """{(rank, step): sample ids}; a step re-run after a resume overwrites the killed attempt."""
     seen = {}
     for rank in (0, 1):
-        for line in (save / "logs" / f"samples_rank{rank}.jsonl").read_text().splitlines():
+        for line in (trace(save) / f"samples_rank{rank}.jsonl").read_text().splitlines():
             row = json.loads(line)
             seen[rank, row["step"]] = row["ids"]
     return seen
@@ -76,7 +95,7 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(tiny_model_dir, data, t
     finish(proc)
 
     # Second life: resumes from 8, dies halfway through writing checkpoint 12.
-    code, out, err = finish(launch(tiny_model_dir, data, b, "--resume", "true", env={"OPENALPACA_CRASH_AT": "save:12"}))
+    code, out, err = finish(launch(tiny_model_dir, data, b, "--resume", "true", env={"CRASH_AT_SAVE": "12"}))
     assert code != 0
     assert "starting at 8" in out
     assert (b / "latest").read_text() == "global_step8"  # the cut-off checkpoint never became latest

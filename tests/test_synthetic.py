@@ -11,7 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from openalpaca import synthetic  # noqa: E402
+from demo import synthetic  # noqa: E402
 from openalpaca.prompts import build_prompt, encode_text  # noqa: E402
 
 DOLLY_FIELDS = {"instruction", "context", "response", "category"}
@@ -32,7 +32,7 @@ def heldout() -> list[dict[str, str]]:
 def tokenizer(tmp_path_factory: pytest.TempPathFactory):
     from transformers import AutoTokenizer
 
-    from model.tiny import train_tokenizer
+    from demo.tiny import train_tokenizer
 
     out = tmp_path_factory.mktemp("tok")
     train_tokenizer(synthetic.corpus_texts(), out, vocab_size=synthetic.TOKENIZER_VOCAB_SIZE)
@@ -251,8 +251,8 @@ def test_greedy_predictions_on_tiny_model(tokenizer, heldout: list[dict[str, str
     import torch
     from transformers import LlamaForCausalLM
 
-    from model.tiny import llama_config
-    from openalpaca.evaluate import greedy_predictions
+    from demo.tiny import llama_config
+    from demo.evaluate import greedy_predictions
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(llama_config(len(tokenizer), hidden_size=32, num_layers=2))

@@ -10,6 +10,8 @@ import yaml
 from openalpaca.config import parse_zero_overrides
 from tests.conftest import REPO, run
 
+pytestmark = pytest.mark.slow  # launcher runs and child processes
+
 LOSS = re.compile(r"^step (\d+)/(\d+) epoch \d+ loss ([\d.]+)", re.M)
 FAST = ["--epochs", "3", "--batch_size", "8", "--lr", "5e-3", "--warmup_steps", "1", "--dtype", "fp32"]
 

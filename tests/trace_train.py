@@ -1,14 +1,21 @@
-"""train_sft.py with its first optimizer step's micro-batches recorded: a test-only entry point.
+"""train_sft.py as some tests launch it: the same trainer, plus what only tests need, from outside.
 
-    python -m deepspeed.launcher.runner --num_gpus 2 tests/trace_train.py --config ... (train_sft flags)
+    TRACE_DIR=DIR python -m deepspeed.launcher.runner --num_gpus 2 tests/trace_train.py <train_sft.py flags>
 
-Each rank saves the micro-batches it trained on in its first step (as ``train_step`` received
-them) to ``$TRACE_DIR/rank{R}.pt``, then trains on unchanged. The trainer itself carries no hook.
+- ``DIR/rank{R}.pt``: the micro-batches rank R trained on in its first step, as ``train_step`` got them;
+- ``DIR/samples_rank{R}.jsonl``: which records rank R trained on, step by step (appended, so a
+  resumed run adds to it);
+- ``CRASH_AT_SAVE=N``: SIGKILL the whole launch halfway through writing checkpoint N (after the
+  rank files, before the rename that makes it ``latest``).
+
+The trainer itself carries no hook: everything here wraps its functions.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -18,18 +25,43 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 import train_sft  # noqa: E402
+from openalpaca.batching import Batching  # noqa: E402
 
-real_step = train_sft.train_step
+TRACE = Path(os.environ.get("TRACE_DIR", "."))
+real_step, real_micro_batches, real_build = train_sft.train_step, Batching.micro_batches, train_sft.build_engine
 
 
 def traced_step(engine, batches, world):
-    out = Path(os.environ["TRACE_DIR"]) / f"rank{dist.get_rank()}.pt"
-    if not out.exists():
-        torch.save([{k: v for k, v in b.items()} for b in batches], out)
+    first = TRACE / f"rank{dist.get_rank()}.pt"
+    if not first.exists():
+        torch.save([dict(b) for b in batches], first)
     return real_step(engine, batches, world)
 
 
-train_sft.train_step = traced_step
+def traced_micro_batches(self, dataset, step):
+    batches = real_micro_batches(self, dataset, step)
+    with open(TRACE / f"samples_rank{self.rank}.jsonl", "a") as f:
+        f.write(json.dumps({"step": step + 1, "ids": [i for b in batches for i in b["sample_ids"]]}) + "\n")
+    return batches
+
+
+def crashing_engine(cfg, ds_config):
+    engine = real_build(cfg, ds_config)
+    real_save, crash_tag = engine.save_checkpoint, f"{train_sft.TMP_PREFIX}global_step{os.environ.get('CRASH_AT_SAVE')}"
+
+    def save_checkpoint(save_dir, tag=None, **kwargs):
+        result = real_save(save_dir, tag=tag, **kwargs)
+        if tag == crash_tag:
+            os.killpg(os.getpgid(0), signal.SIGKILL)
+        return result
+
+    engine.save_checkpoint = save_checkpoint
+    return engine
+
 
 if __name__ == "__main__":
+    train_sft.train_step = traced_step
+    Batching.micro_batches = traced_micro_batches
+    if os.environ.get("CRASH_AT_SAVE"):
+        train_sft.build_engine = crashing_engine
     sys.exit(train_sft.main())

@@ -40,10 +40,10 @@ from typing import Any, BinaryIO, Iterable
 import torch
 import yaml
 
-from openalpaca.lora import merge_lora
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-CONFIG_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+from model.dtypes import CONFIG_DTYPE_NAMES
+from model.dtypes import TORCH_DTYPES as DTYPES
+from model.lora import merge_lora
+from model.tokenizer import TOKENIZER_FILES
 SAFETENSORS_DTYPES = {
     torch.float64: "F64",
     torch.float32: "F32",
@@ -57,14 +57,7 @@ SAFETENSORS_DTYPES = {
     torch.bool: "BOOL",
 }
 MODEL_FILES = ("config.json", "generation_config.json")
-TOKENIZER_FILES = (
-    "tokenizer.model",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "chat_template.jinja",
-)
+RUN_RECORD = "train_config.yaml"  # the run's config: inference.py reads the layout from it
 WEIGHT_PATTERNS = {"safetensors": "model{suffix}.safetensors", "bin": "pytorch_model{suffix}.bin"}
 INDEX_NAMES = {"safetensors": "model.safetensors.index.json", "bin": "pytorch_model.bin.index.json"}
 
@@ -252,9 +245,9 @@ def export_config(save_path: Path, out: Path, dtype_name: str) -> None:
 
 
 def copy_side_files(save_path: Path, out: Path) -> list[str]:
-    """generation_config.json and whichever tokenizer files the save path has."""
+    """generation_config.json, the run's train_config.yaml and whichever tokenizer files the save path has."""
     copied = []
-    for name in ("generation_config.json", *TOKENIZER_FILES):
+    for name in ("generation_config.json", RUN_RECORD, *TOKENIZER_FILES):
         if (save_path / name).is_file():
             shutil.copy2(save_path / name, out / name)
             copied.append(name)

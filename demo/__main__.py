@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Sequence
 
 from model.llama import load_model, load_tokenizer
-from model.tiny import llama_config, tokenizer_vocab_size, train_tokenizer, write_tiny_llama
-from openalpaca import synthetic
-from openalpaca.evaluate import greedy_predictions
+from demo.tiny import llama_config, tokenizer_vocab_size, train_tokenizer, write_tiny_llama
+from demo import synthetic
+from demo.evaluate import greedy_predictions
 from openalpaca.generate import trained_layout
 
 

@@ -30,6 +30,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
+from openalpaca.config import split_pairs
 from openalpaca.prompts import build_prompt
 
 # Distinct lower-case words of 3 to 8 letters; varied lengths make "longest word" meaningful.
@@ -45,8 +46,8 @@ WORDS: tuple[str, ...] = (
 )
 LIST_LABEL = "Animals:"
 # Field records ("- city: Oslo") hold values of their key's own kind, as real records do. With
-# values drawn from one shared list ("- city: fox") the task is pure associative recall, which
-# the demo's 1.3M model did not learn in any recipe tried within the time budget (README, Measured).
+# values drawn from one shared list ("- city: fox") the task is pure associative recall, which is
+# far harder for the demo's tiny model (docs/design.md, the demo's synthetic tasks).
 FIELD_VALUES: dict[str, tuple[str, ...]] = {
     "name": ("Anna", "Ben", "Carl", "Dora", "Emma", "Finn", "Gina", "Hugo"),
     "color": ("red", "blue", "green", "pink", "gray", "black", "white", "brown"),
@@ -450,8 +451,7 @@ def parse_weights(text: str) -> dict[str, float]:
     {}
     """
     weights = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        task, _, value = (piece.strip() for piece in item.partition("="))
+    for item, task, _, value in split_pairs(text):
         if task not in TASKS or not re.fullmatch(r"\d+(\.\d*)?|\.\d+", value):
             raise ValueError(f"task weight {item!r}: want TASK=NUMBER with TASK one of {', '.join(TASKS)}")
         weights[task] = float(value)
