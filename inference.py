@@ -5,6 +5,10 @@
     python inference.py --interactive
     python inference.py --input_file questions.jsonl --output_file answers.jsonl
 
+Interactive mode reads one question per line and streams the answer as it is generated. A line
+is an instruction; ``INSTRUCTION ### Input: CONTEXT`` gives it a context (the text after the
+first ``### Input:``, stripped; nothing after it means no context). An empty line or Ctrl-D quits.
+
 Sampling defaults are the seed's (top-k 50, top-p 0.9, 128 new tokens); ``--greedy`` decodes
 deterministically. The prompt's token layout is the one the model was trained with, read from
 ``train_config.yaml`` in the model folder; a folder without one (such as the published
@@ -27,12 +31,26 @@ from openalpaca.prompts import LAYOUTS
 from openalpaca.records import DataError, atomic_write, check_output, read_records
 
 
+INPUT_MARK = "### Input:"  # interactive mode: ``INSTRUCTION ### Input: CONTEXT`` on one line
+
+
+class UsageError(ValueError):
+    """A bad command line, reported as one line (``error: ...``) and exit status 1."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse's own: the usage block and exit 2
+        raise UsageError(message)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model_path", default="./ckpt/openalpaca", help="HF folder (or hub id) of the fine-tuned model")
     mode = p.add_argument_group("mode (pick one)")
     mode.add_argument("--instruction", help="one instruction to answer")
-    mode.add_argument("--interactive", action="store_true", help="a prompt loop that streams tokens; empty line exits")
+    mode.add_argument("--interactive", action="store_true",
+                      help=f"a prompt loop that streams tokens; 'INSTRUCTION {INPUT_MARK} CONTEXT' adds a context; "
+                      "empty line exits")
     mode.add_argument("--input_file", help="Alpaca-format JSON or JSONL (instruction, optional input)")
     p.add_argument("--input", default="", help="optional context for --instruction")
     p.add_argument("--output_file", help="JSONL written by --input_file mode: each record plus 'generated'")
@@ -53,6 +71,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("give exactly one of --instruction, --interactive, --input_file")
     if args.input_file and not args.output_file:
         p.error("--input_file needs --output_file")
+    if args.output_file and not args.input_file:
+        p.error("--output_file needs --input_file")
+    if args.input and args.instruction is None:
+        p.error("--input goes with --instruction (a file's records carry their own; interactive: "
+                f"'INSTRUCTION {INPUT_MARK} CONTEXT')")
+    for name, low, inclusive in (("max_new_tokens", 1, True), ("batch_size", 1, True), ("top_k", 0, True),
+                                 ("temperature", 0, False), ("top_p", 0, False)):
+        value = getattr(args, name)
+        if value < low or (value == low and not inclusive):
+            p.error(f"--{name} must be {'at least' if inclusive else 'greater than'} {low}, got {value}")
+    if args.top_p > 1:
+        p.error(f"--top_p must be at most 1, got {args.top_p}")
     return args
 
 
@@ -68,15 +98,28 @@ def interactive(model, tokenizer, sampling: Sampling, layout: str) -> None:
     from transformers import TextStreamer
 
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    print("Type an instruction (empty line or Ctrl-D to quit).", flush=True)
+    print(f"Type an instruction, optionally followed by '{INPUT_MARK} CONTEXT' "
+          "(empty line or Ctrl-D to quit).", flush=True)
     while True:
         try:
-            instruction = input("\n### Instruction: ").strip()
+            line = input("\n### Instruction: ").strip()
         except EOFError:
             break
-        if not instruction:
+        if not line:
             break
-        generate(model, tokenizer, [(instruction, "")], sampling, batch_size=1, streamer=streamer, layout=layout)
+        generate(model, tokenizer, [split_question(line)], sampling, batch_size=1, streamer=streamer, layout=layout)
+
+
+def split_question(line: str) -> tuple[str, str]:
+    """An interactive line as ``(instruction, input)``.
+
+    >>> split_question("Summarise the text. ### Input: Alpacas are camelids.")
+    ('Summarise the text.', 'Alpacas are camelids.')
+    >>> split_question("Name a fruit.")
+    ('Name a fruit.', '')
+    """
+    instruction, _, context = line.partition(INPUT_MARK)
+    return instruction.strip(), context.strip()
 
 
 def read_questions(args: argparse.Namespace) -> list[dict]:
@@ -98,7 +141,11 @@ def answer_file(model, tokenizer, sampling: Sampling, records: list[dict], args:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    try:
+        args = parse_args(argv)
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     sampling = Sampling(args.max_new_tokens, args.greedy, args.temperature, args.top_k, args.top_p)
     if args.seed is not None:
         torch.manual_seed(args.seed)

@@ -423,7 +423,16 @@ def corpus_texts(repeats: int = 8, seed: int = 0) -> list[str]:
 
 
 def exact_match(prediction: str, reference: str) -> bool:
-    """Equal after stripping surrounding whitespace (generation may end with a space or newline)."""
+    """The whole prediction equals the reference, character for character, after stripping
+    whitespace at both ends only (generation may end with a space or a newline).
+
+    Everything else counts: a prediction that only starts with the reference, extra words, case,
+    punctuation, and whitespace inside the text (``"cat  dog"`` and ``"cat\\ndog"`` are not
+    ``"cat dog"``: the answers are single-spaced words, so other spacing is a different output).
+
+    >>> exact_match(" cat dog\\n", "cat dog"), exact_match("cat dog fox", "cat dog"), exact_match("Cat dog", "cat dog")
+    (True, False, False)
+    """
     return prediction.strip() == reference.strip()
 
 

@@ -251,8 +251,15 @@ HELP = {
 }
 
 
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse's errors as a ``ConfigError`` (one line, exit 1 in train_sft.py), not a usage block and exit 2."""
+
+    def error(self, message: str):
+        raise ConfigError(message)
+
+
 def build_arg_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _ArgumentParser(
         description="Supervised fine-tuning with DeepSpeed ZeRO-3. Every config key can be overridden "
         "on the command line; flags win over the YAML file."
     )

@@ -153,6 +153,26 @@ def write_json_atomic(obj: Any, path: str | os.PathLike) -> None:
         f.write("\n")
 
 
+def check_save_path(path: str | Path) -> None:
+    """Fail before any work when the trainer's ``save_path`` cannot be made or written.
+
+    Every part of the path that exists must be a folder, and the deepest existing one writable
+    (nothing is created here).
+    """
+    path = Path(path)
+    existing = path
+    while not existing.exists():
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if existing != path and not existing.is_dir():
+        raise DataError(f"{path}: save path cannot be made, {existing} is not a directory")
+    if existing == path and not path.is_dir():
+        raise DataError(f"{path}: save path is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise DataError(f"{path}: save path is not writable ({existing})")
+
+
 def check_output(path: Path) -> None:
     """Fail before any work when ``path`` cannot possibly be written."""
     directory = path.parent

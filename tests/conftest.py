@@ -98,3 +98,56 @@ def models(tiny_model_dir):
     packed = load_model(tiny_model_dir, "fp32", attn_implementation=register_packed_attention())
     seed = load_model(tiny_model_dir, "fp32", attn_implementation="sdpa")
     return packed, seed
+
+
+COPY_TASKS = {"Repeat the words.": lambda words: words, "Say the first word.": lambda words: words[:1]}
+
+
+@pytest.fixture(scope="session")
+def copy_model_dir(tmp_path_factory) -> Path:
+    """A tiny LLaMA whose answer depends on the prompt: trained here (plain torch, a few seconds,
+    clean layout) to repeat the input's words or to say its first word.
+
+    The random ``tiny_model_dir`` answers the same text whatever the prompt, so it cannot tell a
+    swapped instruction and input, a wrong prompt or broken left padding from the real thing.
+    Its folder records ``layout: clean`` (``train_config.yaml``), as the trainer's checkpoints do.
+    """
+    import sentencepiece as spm
+    import torch
+    import yaml
+    from transformers import LlamaForCausalLM
+
+    from demo.tiny import llama_config, train_tokenizer
+    from model.llama import generation_config
+    from openalpaca.prompts import PROMPT_NO_INPUT, PROMPT_WITH_INPUT, build_prompt
+
+    out = tmp_path_factory.mktemp("copy_llama")
+    corpus = ([PROMPT_WITH_INPUT, PROMPT_NO_INPUT] * 50 + [" ".join(WORDS)] * 20 + list(COPY_TASKS) * 20
+              + [" " + w for w in WORDS] * 20)
+    train_tokenizer(corpus, out, vocab_size=700)
+    sp = spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model"))
+    rng = random.Random(0)
+
+    def sample() -> tuple[list[int], list[int]]:
+        instruction = rng.choice(list(COPY_TASKS))
+        words = [rng.choice(WORDS) for _ in range(rng.randint(1, 4))]
+        prompt = sp.encode(build_prompt(instruction, " ".join(words)))
+        answer = sp.encode(" ".join(COPY_TASKS[instruction](words))) + [2]
+        return [1, *prompt, 2, 1, *answer], [-100] * (len(prompt) + 3) + answer
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(llama_config(sp.get_piece_size(), hidden_size=64, num_layers=2, num_heads=4))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    for _ in range(300):
+        batch = [sample() for _ in range(32)]
+        width = max(len(ids) for ids, _ in batch)  # right padding: padded positions are never targets
+        ids = torch.tensor([ids + [0] * (width - len(ids)) for ids, _ in batch])
+        labels = torch.tensor([labels + [-100] * (width - len(labels)) for _, labels in batch])
+        loss = model(input_ids=ids, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.generation_config = generation_config()
+    model.save_pretrained(out)
+    (out / "train_config.yaml").write_text(yaml.safe_dump({"layout": "clean", "dtype": "fp32"}))
+    return out

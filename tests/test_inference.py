@@ -80,50 +80,283 @@ def test_sampling_is_reproducible_with_a_seed(model, tokenizer):
     assert answers[0] == answers[1]
 
 
-@pytest.mark.slow
-def test_single_prompt_mode(tiny_model_dir, model, tokenizer):
-    proc = run([sys.executable, "inference.py", "--model_path", str(tiny_model_dir), "--instruction",
-                "Repeat the words.", "--input", "red plum fig", "--greedy", "--max_new_tokens", "6"], timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    # no train_config.yaml in the folder: the published checkpoints' (original) layout
-    expected = generate(model, tokenizer, [QUESTIONS[1]], Sampling(max_new_tokens=6, greedy=True), layout="original")[0]
-    assert proc.stdout.splitlines()[-1] == expected
+# ---------------------------------------------------------------- a model whose answer depends on the prompt
+#
+# copy_model_dir (tests/conftest.py) repeats the input's words or says the first one, and records
+# layout: clean. Every mode of inference.py is checked against answers computed here one prompt at a
+# time, without padding or a KV cache, from prompt ids written out with sentencepiece.
+
+COPY_QUESTIONS = [("Repeat the words.", "red plum fig"), ("Say the first word.", "one two three"),
+                  ("Repeat the words.", "kiwi"), ("Say the first word.", "green mango"),
+                  ("Repeat the words.", "blue lime date white"), ("Say the first word.", "")]
+NEW = 8  # max_new_tokens
 
 
-@pytest.mark.slow
-def test_file_mode_writes_jsonl_with_generated(tiny_model_dir, model, tokenizer, tmp_path):
-    src = tmp_path / "q.json"
-    src.write_text(json.dumps([{"instruction": i, "input": c, "id": n} for n, (i, c) in enumerate(QUESTIONS)]))
-    out = tmp_path / "a.jsonl"
-    proc = run([sys.executable, "inference.py", "--model_path", str(tiny_model_dir), "--input_file", str(src),
-                "--output_file", str(out), "--greedy", "--max_new_tokens", "6", "--batch_size", "2"], timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+@pytest.fixture(scope="module")
+def copy_model(copy_model_dir):
+    return load_model(copy_model_dir, "fp32")
+
+
+@pytest.fixture(scope="module")
+def copy_tokenizer(copy_model_dir):
+    from model.llama import load_tokenizer
+
+    return load_tokenizer(copy_model_dir)
+
+
+@pytest.fixture(scope="module")
+def sp(copy_model_dir):
+    import sentencepiece as spm
+
+    return spm.SentencePieceProcessor(model_file=str(copy_model_dir / "tokenizer.model"))
+
+
+def clean_ids(sp, instruction: str, input: str) -> list[int]:
+    """The clean layout's inference prompt, written out: [1] + sp(prompt) + [2, 1]."""
+    text = (f"### Input:\n{input}\n\n### Instruction:\n{instruction}\n\n### Response:" if input
+            else f"### Instruction:\n{instruction}\n\n### Response:")
+    return [1, *sp.encode(text), 2, 1]
+
+
+@torch.no_grad()
+def greedy_answer(model, sp, ids: list[int], new: int = NEW) -> str:
+    """Greedy decoding one token at a time on the whole unpadded sequence (no cache, no mask)."""
+    out: list[int] = []
+    for _ in range(new):
+        token = model(input_ids=torch.tensor([ids + out])).logits[0, -1].argmax().item()
+        if token == 2:
+            break
+        out.append(token)
+    return sp.decode(out).strip()
+
+
+@pytest.fixture(scope="module")
+def expected(copy_model, sp):
+    return {q: greedy_answer(copy_model, sp, clean_ids(sp, *q)) for q in COPY_QUESTIONS}
+
+
+def test_copy_model_answers_depend_on_the_prompt(copy_model, sp, expected):
+    """The premise of the tests below: a different prompt gives a different answer."""
+    with_input = [q for q in COPY_QUESTIONS if q[1]]
+    assert len({expected[q] for q in with_input}) == len(with_input), expected
+    # instruction and input swapped: another answer (the single-mode test asks this question)
+    instruction, input = COPY_QUESTIONS[0]
+    assert greedy_answer(copy_model, sp, clean_ids(sp, input, instruction)) != expected[instruction, input]
+    # it learned its task: the input repeated, or the input's first word
+    assert expected["Repeat the words.", "red plum fig"] == "red plum fig"
+    assert expected["Say the first word.", "one two three"] == "one"
+
+
+@pytest.fixture()
+def spy(copy_model, copy_tokenizer, monkeypatch):
+    """inference.main on the copy model, with every model.generate call's arguments recorded."""
+    import inference
+
+    calls = []
+    real = copy_model.generate
+
+    def generate(**kwargs):
+        calls.append({k: v.tolist() if torch.is_tensor(v) else v for k, v in kwargs.items() if k != "streamer"})
+        return real(**kwargs)
+
+    monkeypatch.setattr(copy_model, "generate", generate)
+    monkeypatch.setattr(inference, "load", lambda args: (copy_model, copy_tokenizer))
+    return calls
+
+
+GREEDY = {"max_new_tokens": NEW, "do_sample": False, "num_beams": 1}
+
+
+@pytest.mark.parametrize("question", [COPY_QUESTIONS[0], COPY_QUESTIONS[5]], ids=["with_input", "no_input"])
+def test_single_mode_answers_and_feeds_the_prompt(copy_model_dir, sp, expected, spy, capsys, question):
+    import inference
+
+    flags = ["--input", question[1]] if question[1] else []
+    assert inference.main(["--model_path", str(copy_model_dir), "--instruction", question[0], *flags, "--greedy",
+                           "--max_new_tokens", str(NEW)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == expected[question]
+    ids = clean_ids(sp, *question)
+    assert [(c["input_ids"], c["attention_mask"]) for c in spy] == [([ids], [[1] * len(ids)])]
+    assert {k: spy[0][k] for k in GREEDY} == GREEDY
+
+
+def test_file_mode_left_pads_a_batch_and_answers_each_record(copy_model_dir, sp, expected, spy, tmp_path):
+    """Five records of different lengths (one without an input field) in batches of 3: each batch
+    left-padded with 0 and masked; each answer equals its one-at-a-time answer."""
+    import inference
+
+    records = [{"instruction": i, **({"input": c} if c else {}), "id": n} for n, (i, c) in enumerate(COPY_QUESTIONS)]
+    src, out = tmp_path / "q.jsonl", tmp_path / "a.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert inference.main(["--model_path", str(copy_model_dir), "--input_file", str(src), "--output_file", str(out),
+                           "--greedy", "--max_new_tokens", str(NEW), "--batch_size", "3"]) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r["id"] for r in rows] == [0, 1, 2]
-    assert [r["generated"] for r in rows] == generate(model, tokenizer, QUESTIONS, Sampling(6, greedy=True),
-                                                      layout="original")
+    assert [r["id"] for r in rows] == list(range(len(COPY_QUESTIONS)))
+    assert [r["generated"] for r in rows] == [expected[q] for q in COPY_QUESTIONS]
+    # the batches: shortest prompts first, 3 at a time, right-aligned behind 0s with mask 0
+    prompts = sorted((clean_ids(sp, *q) for q in COPY_QUESTIONS), key=len)
+    want = []
+    for chunk in (prompts[:3], prompts[3:]):
+        width = max(map(len, chunk))
+        want.append(([[0] * (width - len(p)) + p for p in chunk], [[0] * (width - len(p)) + [1] * len(p) for p in chunk]))
+    assert [(c["input_ids"], c["attention_mask"]) for c in spy] == want
+    assert any(0 in row for ids, _ in want for row in ids)  # some row really is padded
+
+
+def test_interactive_mode_streams_answers_and_takes_an_input(copy_model_dir, sp, expected, spy, capsys, monkeypatch):
+    """'INSTRUCTION ### Input: CONTEXT' gives a context; a bare line is an instruction alone; the
+    empty line quits (the line after it is never read)."""
+    import io
+
+    import inference
+
+    lines = ["Repeat the words. ### Input: red plum fig", "Say the first word. ### Input:  one two three ",
+             "Say the first word.", "", "Repeat the words. ### Input: kiwi"]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(lines) + "\n"))
+    assert inference.main(["--model_path", str(copy_model_dir), "--interactive", "--greedy",
+                           "--max_new_tokens", str(NEW)]) == 0
+    out = capsys.readouterr().out
+    asked = [COPY_QUESTIONS[0], COPY_QUESTIONS[1], COPY_QUESTIONS[5]]
+    assert [c["input_ids"] for c in spy] == [[clean_ids(sp, *q)] for q in asked]
+    answers = out.split("### Instruction: ")[1:]
+    assert len(answers) == 4  # three questions, then the empty line
+    for text, question in zip(answers, asked):
+        assert text.strip() == expected[question]  # streamed, as the answer itself
+    assert inference.split_question("Summarise. ### Input: a ### Input: b") == ("Summarise.", "a ### Input: b")
+
+
+def test_seeded_sampling_is_reproducible_and_the_seed_matters(copy_model_dir, spy, tmp_path, capsys):
+    import inference
+
+    src = tmp_path / "q.jsonl"
+    src.write_text("".join(json.dumps({"instruction": i, "input": c}) + "\n" for i, c in COPY_QUESTIONS))
+
+    def sample(seed: int) -> list[str]:
+        out = tmp_path / f"a{seed}.jsonl"
+        assert inference.main(["--model_path", str(copy_model_dir), "--input_file", str(src), "--output_file",
+                               str(out), "--seed", str(seed), "--temperature", "3", "--top_k", "40", "--top_p",
+                               "0.95", "--max_new_tokens", str(NEW), "--batch_size", "2"]) == 0
+        return [json.loads(line)["generated"] for line in out.read_text().splitlines()]
+
+    first = sample(1)
+    assert sample(1) == first
+    assert sample(2) != first
+    assert {k: spy[0][k] for k in ("do_sample", "temperature", "top_k", "top_p")} == \
+        {"do_sample": True, "temperature": 3.0, "top_k": 40, "top_p": 0.95}
+
+
+@torch.no_grad()
+def test_seeded_sampling_equals_sampling_written_out(copy_model_dir, copy_model, sp, spy, capsys):
+    """One prompt, seed 7: the seed's recipe written out (temperature, then top-k, then top-p,
+    then one torch.multinomial draw per token from the seeded generator) gives the same answer."""
+    import inference
+
+    question, temperature, top_k, top_p = COPY_QUESTIONS[0], 2.0, 20, 0.9
+    assert inference.main(["--model_path", str(copy_model_dir), "--instruction", question[0], "--input", question[1],
+                           "--seed", "7", "--temperature", str(temperature), "--top_k", str(top_k), "--top_p",
+                           str(top_p), "--max_new_tokens", str(NEW)]) == 0
+    got = capsys.readouterr().out.splitlines()[-1]
+    torch.manual_seed(7)
+    ids, out = clean_ids(sp, *question), []
+    for _ in range(NEW):
+        scores = copy_model(input_ids=torch.tensor([ids + out])).logits[0, -1] / temperature
+        scores[scores < scores.topk(top_k).values[-1]] = -float("inf")
+        sorted_scores, order = scores.sort()  # ascending, as transformers' top-p
+        cumulative = sorted_scores.softmax(-1).cumsum(-1)
+        drop = cumulative <= 1 - top_p
+        drop[-1] = False
+        scores[order[drop]] = -float("inf")
+        token = torch.multinomial(scores.softmax(-1), num_samples=1).item()
+        if token == 2:
+            break
+        out.append(token)
+    assert got == sp.decode(out).strip()
 
 
 @pytest.mark.slow
-def test_interactive_mode_streams_and_exits_on_empty_line(tiny_model_dir):
-    proc = run([sys.executable, "inference.py", "--model_path", str(tiny_model_dir), "--interactive", "--greedy",
-                "--max_new_tokens", "4"], timeout=120, input="Name a fruit.\n\nNever read.\n")
+def test_command_line_modes_on_the_copy_model(copy_model_dir, sp, expected, tmp_path):
+    """The real command, as a user runs it: single with --input, file mode with a padded batch,
+    interactive with a context line (the answer streamed to stdout)."""
+    base = [sys.executable, "inference.py", "--model_path", str(copy_model_dir), "--greedy", "--max_new_tokens",
+            str(NEW)]
+    proc = run([*base, "--instruction", COPY_QUESTIONS[0][0], "--input", COPY_QUESTIONS[0][1]], timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.count("### Instruction:") == 2  # asked twice: one answer, then the empty line quits
+    assert proc.stdout.splitlines()[-1] == expected[COPY_QUESTIONS[0]]
+
+    src, out = tmp_path / "q.json", tmp_path / "a.jsonl"
+    src.write_text(json.dumps([{"instruction": i, "input": c} for i, c in COPY_QUESTIONS]))
+    proc = run([*base, "--input_file", str(src), "--output_file", str(out), "--batch_size", "4"], timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert [json.loads(line)["generated"] for line in out.read_text().splitlines()] == \
+        [expected[q] for q in COPY_QUESTIONS]
+
+    proc = run([*base, "--interactive"], timeout=120,
+               input="Say the first word. ### Input: green mango\n\nRepeat the words.\n")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    answers = proc.stdout.split("### Instruction: ")[1:]
+    assert len(answers) == 2 and answers[0].strip() == expected[COPY_QUESTIONS[3]]
+
+
+BAD_INPUT = [
+    (["--model_path", "./no_model", "--instruction", "x"],
+     "./no_model: model folder not found (see openllama_ckpt/README.md)"),
+    (["--input_file", "{tmp}/bad.jsonl", "--output_file", "{tmp}/o.jsonl"],
+     "{tmp}/bad.jsonl: line 2: field 'instruction' must be a string, got number"),
+    (["--input_file", "{tmp}/no.jsonl", "--output_file", "{tmp}/o.jsonl"], "{tmp}/no.jsonl: no such file"),
+    (["--input_file", "{tmp}/good.jsonl", "--output_file", "{tmp}/none/o.jsonl"],
+     "{tmp}/none/o.jsonl: output directory {tmp}/none does not exist"),
+    # a parent that is a regular file: unwritable for root too
+    (["--input_file", "{tmp}/good.jsonl", "--output_file", "{tmp}/afile/o.jsonl"],
+     "{tmp}/afile/o.jsonl: output directory {tmp}/afile is not a directory"),
+    (["--input_file", "{tmp}/good.jsonl", "--output_file", "{tmp}"], "{tmp}: output path is a directory"),
+    (["--input_file", "{tmp}/good.jsonl"], "--input_file needs --output_file"),
+    (["--instruction", "x", "--output_file", "{tmp}/o.jsonl"], "--output_file needs --input_file"),
+    (["--instruction", "x", "--interactive"], "give exactly one of --instruction, --interactive, --input_file"),
+    (["--interactive", "--input", "ctx"], "--input goes with --instruction (a file's records carry their own; "
+                                          "interactive: 'INSTRUCTION ### Input: CONTEXT')"),
+    (["--instruction", "x", "--top_k", "many"], "argument --top_k: invalid int value: 'many'"),
+    (["--instruction", "x", "--max_new_tokens", "0"], "--max_new_tokens must be at least 1, got 0"),
+    (["--instruction", "x", "--temperature", "0"], "--temperature must be greater than 0, got 0.0"),
+    (["--instruction", "x", "--top_p", "1.5"], "--top_p must be at most 1, got 1.5"),
+    (["--input_file", "{tmp}/good.jsonl", "--output_file", "{tmp}/o.jsonl", "--batch_size", "0"],
+     "--batch_size must be at least 1, got 0"),
+    (["--instruction", "x", "--bogus"], "unrecognized arguments: --bogus"),
+]
+
+
+def bad_input_files(tmp_path) -> list[str]:
+    (tmp_path / "bad.jsonl").write_text('{"instruction": "a"}\n{"instruction": 3}\n')
+    (tmp_path / "good.jsonl").write_text('{"instruction": "a"}\n')
+    (tmp_path / "afile").write_text("a regular file\n")
+    return sorted(p.name for p in tmp_path.iterdir())
+
+
+def assert_nothing_written(tmp_path, before: list[str]) -> None:
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no o.jsonl, no none/, no temp file
+    assert (tmp_path / "afile").read_text() == "a regular file\n"
+
+
+@pytest.mark.parametrize("args, message", BAD_INPUT, ids=[m[:40] for _, m in BAD_INPUT])
+def test_bad_input_is_one_line_exit_1_and_nothing_written(tiny_model_dir, tmp_path, capsys, args, message):
+    """Exactly one line on stderr (no usage block, no traceback), exit status 1, nothing on stdout,
+    and no output file or folder left behind (in-process; the command itself: the test below)."""
+    import inference
+
+    before = bad_input_files(tmp_path)
+    assert inference.main(["--model_path", str(tiny_model_dir), *[a.format(tmp=tmp_path) for a in args]]) == 1
+    out, err = capsys.readouterr()
+    assert err.splitlines() == [f"error: {message.format(tmp=tmp_path)}"] and out == ""
+    assert_nothing_written(tmp_path, before)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "args, message",
-    [
-        (["--model_path", "./no_model", "--instruction", "x"], "no_model: model folder not found"),
-        (["--input_file", "{tmp}/bad.jsonl", "--output_file", "{tmp}/o.jsonl"], "line 2: field 'instruction'"),
-        (["--input_file", "{tmp}/bad.jsonl", "--output_file", "{tmp}/none/o.jsonl"], "line 2: field 'instruction'"),
-    ],
-)
-def test_bad_input_is_a_clear_error(tiny_model_dir, tmp_path, args, message):
-    (tmp_path / "bad.jsonl").write_text('{"instruction": "a"}\n{"instruction": 3}\n')
-    args = [a.format(tmp=tmp_path) for a in args]
-    proc = run([sys.executable, "inference.py", "--model_path", str(tiny_model_dir), *args], timeout=120)
-    assert proc.returncode == 1 and message in proc.stderr and "Traceback" not in proc.stderr
-    assert not (tmp_path / "o.jsonl").exists()
+@pytest.mark.parametrize("case", [0, 1, 4, 10])
+def test_bad_input_command_prints_one_line_only(tiny_model_dir, tmp_path, case):
+    """As a user runs it: nothing else reaches stderr (no import-time warning either)."""
+    args, message = BAD_INPUT[case]
+    before = bad_input_files(tmp_path)
+    proc = run([sys.executable, "inference.py", "--model_path", str(tiny_model_dir),
+                *[a.format(tmp=tmp_path) for a in args]], timeout=120)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert proc.stderr.splitlines() == [f"error: {message.format(tmp=tmp_path)}"] and proc.stdout == ""
+    assert_nothing_written(tmp_path, before)

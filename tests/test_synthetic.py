@@ -227,6 +227,52 @@ def test_score_and_exact_match(heldout: list[dict[str, str]]) -> None:
         synthetic.score(heldout, [])
 
 
+# Adversarial predictions against references of every task kind. Allowed: whitespace at either end
+# (a generation may end with a space or a newline). Not allowed: anything else, including
+# whitespace inside the text (the references are single-spaced).
+EXACT_ACCEPTED = ["{r}", " {r}", "{r} ", "\n{r}\n", "\t{r}\r\n", "  {r}   "]
+EXACT_REJECTED = [
+    "{r} {r}",  # starts with the reference
+    "{r} fox",  # one extra word
+    "{r}fox",  # glued extra text
+    "the {r}",  # a word in front
+    "{r}.",  # trailing punctuation
+    "{r},",
+    '"{r}"',
+    "{upper}",  # another case
+    "{title}",
+    "{r_double_space}",  # whitespace inside
+    "{r_newline}",
+    "",
+]
+
+
+@pytest.mark.parametrize("reference", ["cat", "cat dog", "Oslo", "12", "Ant Bee Cow", "cat, dog"])
+def test_exact_match_rejects_adversarial_predictions(reference: str) -> None:
+    words = reference.split(" ")
+    fill = {"r": reference, "upper": reference.upper() if reference.upper() != reference else reference.lower(),
+            "title": reference.swapcase(), "r_double_space": "  ".join(words) if len(words) > 1 else reference + "  x",
+            "r_newline": "\n".join(words) if len(words) > 1 else reference + "\nx"}
+    for template in EXACT_ACCEPTED:
+        assert synthetic.exact_match(template.format(**fill), reference), template
+    for template in EXACT_REJECTED:
+        prediction = template.format(**fill)
+        if prediction.strip() == reference:  # e.g. swapcase of "12": not an adversarial case here
+            continue
+        assert not synthetic.exact_match(prediction, reference), (template, prediction)
+    # the reference's own surrounding whitespace does not matter either
+    assert synthetic.exact_match(reference, f" {reference}\n")
+
+
+def test_score_counts_only_exact_answers(heldout: list[dict[str, str]]) -> None:
+    """score() over records: a prefix-only, an extended and a case-changed answer each score 0."""
+    records = heldout[:4]
+    predictions = [records[0]["response"], records[1]["response"] + " extra", records[2]["response"].upper() + "X",
+                   records[3]["response"].split(" ")[0] + " " + records[3]["response"]]
+    overall, _ = synthetic.score(records, predictions)
+    assert overall == 0.25
+
+
 def test_every_word_is_one_token(tokenizer, train: list[dict[str, str]], heldout: list[dict[str, str]]) -> None:
     """In the training layout, each word, number, punctuation mark and newline is one token."""
     unit = re.compile(r"#+|\w+|[^\w\s]|\n")
