@@ -12,7 +12,9 @@ import math
 import os
 import random
 import shutil
+import signal
 import socket
+import subprocess
 import sys
 import time
 import warnings
@@ -45,7 +47,8 @@ STATE_NAME = "trainer_state_rank{rank}.pt"  # per-rank RNG state inside a checkp
 ADAPTER_DIR = "adapter"  # the LoRA adapter, peft format, next to the checkpoint
 TRAINER_STATE = "trainer_state.json"  # step, data position and config of a checkpoint, readable without DeepSpeed
 SUMMARY_NAME = "summary.json"  # in logs/: the run's figures, machine-readable
-TMP_PREFIX = "tmp-"  # a tag is written under this prefix and renamed once every rank is done
+TMP_PREFIX = "tmp-"
+UNIVERSAL = "universal"  # inside a tag: its DeepSpeed universal checkpoint, for a resume on another world size  # a tag is written under this prefix and renamed once every rank is done
 
 # gloo's collectives through torch.distributed warn on every call under DeepSpeed.
 warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
@@ -72,7 +75,7 @@ class Prepared:
     tokenizer: object
     ds_config: dict
     total_steps: int
-    resume_tag: str | None
+    resume_point: ResumePoint | None
 
 
 def prepare(cfg: TrainConfig, world_size: int) -> Prepared:
@@ -94,8 +97,10 @@ def prepare(cfg: TrainConfig, world_size: int) -> Prepared:
         raise DataError(f"{cfg.data_path}: {len(dataset)} samples x {cfg.epochs} epochs make no full batch of "
                         f"{cfg.batch_size} (epoch_tail: carry)")
     ds_config = resolve_ds_config(raw_ds, cfg, world_size, steps, path=cfg.ds_config)
-    resume_tag = checkpoint_to_resume(cfg, len(dataset), world_size)
-    return Prepared(dataset, eval_set, tokenizer, ds_config, steps, resume_tag)
+    resume_point = checkpoint_to_resume(cfg, len(dataset))
+    if resume_point and resume_point.world_size != world_size:
+        ds_config.setdefault("checkpoint", {})["load_universal"] = True
+    return Prepared(dataset, eval_set, tokenizer, ds_config, steps, resume_point)
 
 
 def make_batching(cfg: TrainConfig, world_size: int, rank: int) -> Batching:
@@ -171,10 +176,20 @@ def all_reduce_sum(value: float | torch.Tensor, device: torch.device) -> torch.T
 
 
 def save_checkpoint(engine, cfg: TrainConfig, step: int, epoch: int, num_samples: int) -> str:
-    """Write tag ``global_step{step}`` so that it becomes ``latest`` only once every rank finished it."""
+    """Write tag ``global_step{step}`` so that it becomes ``latest`` only once every rank finished it.
+
+    The temporary tag folder is made and probed by every rank first: when any rank cannot write
+    it, every rank stops here with a TrainingError, and ``latest`` still names the last good
+    checkpoint.
+    """
     rank, save = dist.get_rank(), Path(cfg.save_path)
     tag = f"global_step{step}"
     tmp = TMP_PREFIX + tag
+    problem = unwritable(save / tmp)
+    if any_rank(bool(problem), engine.device):
+        latest = (save / "latest").read_text().strip() if (save / "latest").is_file() else "no checkpoint"
+        raise TrainingError(f"checkpoint {tag} could not be written to {save} "
+                            f"({problem or 'on another rank'}); latest still names {latest}")
     state = {"global_step": step, "epoch": epoch, "num_samples": num_samples, "world_size": dist.get_world_size(),
              "config": cfg.to_dict()}
     engine.save_checkpoint(str(save), tag=tmp, client_state=state, save_latest=False)
@@ -195,6 +210,75 @@ def save_checkpoint(engine, cfg: TrainConfig, step: int, epoch: int, num_samples
     return tag
 
 
+def unwritable(folder: Path) -> str:
+    """Why this rank cannot write into ``folder`` (rank 0 makes it first); "" when it can."""
+    if dist.get_rank() == 0:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            problem = f"{err.strerror or err}: {folder}"
+        else:
+            problem = ""
+    dist.barrier()
+    if dist.get_rank() == 0 and problem:
+        return problem
+    probe = folder / f".probe-rank{dist.get_rank()}"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        return f"{err.strerror or err}: {probe}"
+    return ""
+
+
+def any_rank(flag: bool | int, device) -> int:
+    """The largest of every rank's ``flag``: what one rank saw, all ranks act on."""
+    t = torch.tensor([int(flag)], dtype=torch.int64).to(device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+class StopSignal:
+    """SIGTERM and SIGINT, what schedulers send before they kill a job, ask the run to stop.
+
+    The handler only notes the signal; after each optimizer step every rank asks the others
+    (``any_rank``), so all ranks stop after the same step, save it, and exit 0. A second signal
+    changes nothing.
+    """
+
+    def __init__(self) -> None:
+        self.signum = 0
+
+    def install(self) -> None:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._note)
+
+    def _note(self, signum: int, frame) -> None:
+        self.signum = self.signum or signum
+
+    def agreed(self, device) -> str:
+        """The name of the signal any rank received ("" when none)."""
+        signum = any_rank(self.signum, device)
+        return signal.Signals(signum).name if signum else ""
+
+
+STOP = StopSignal()
+
+
+def stopped_or_saved(engine, cfg: TrainConfig, step: int, epoch: int, num_samples: int) -> bool:
+    """After an optimizer step: save when ``save_steps`` says so, or when a stop signal came (then
+    say where the checkpoint is and return True: the run ends there)."""
+    due = cfg.save_steps and step % cfg.save_steps == 0
+    tag = save_checkpoint(engine, cfg, step, epoch, num_samples) if due else ""
+    stop = STOP.agreed(engine.device)
+    if stop:
+        tag = tag or save_checkpoint(engine, cfg, step, epoch, num_samples)
+        if dist.get_rank() == 0:
+            print(f"stopped by {stop} after step {step}: checkpoint {Path(cfg.save_path) / tag}; "
+                  f"to continue, run the same command with --resume true", flush=True)
+    return bool(stop)
+
+
 def prune_checkpoints(save: Path, keep_last: int, keep: str) -> None:
     tags = sorted(
         (p for p in save.glob("global_step*") if p.is_dir()), key=lambda p: int(p.name.removeprefix("global_step"))
@@ -206,8 +290,18 @@ def prune_checkpoints(save: Path, keep_last: int, keep: str) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def checkpoint_to_resume(cfg: TrainConfig, num_samples: int, world_size: int) -> str | None:
-    """The ``latest`` tag of save_path, checked to continue this very run; None when there is none."""
+@dataclass
+class ResumePoint:
+    tag: str  # the checkpoint to continue from
+    world_size: int  # the world size that wrote it
+
+
+def checkpoint_to_resume(cfg: TrainConfig, num_samples: int) -> ResumePoint | None:
+    """The ``latest`` checkpoint of save_path, checked to continue this very run; None when there is none.
+
+    The world size may change (ZeRO-3's partitions are re-cut through DeepSpeed's universal
+    checkpoint format, see ``resume``); what decides the samples of each step may not.
+    """
     latest = Path(cfg.save_path) / "latest"
     if not cfg.resume or not latest.is_file():
         return None
@@ -215,18 +309,49 @@ def checkpoint_to_resume(cfg: TrainConfig, num_samples: int, world_size: int) ->
     state = json.loads((Path(cfg.save_path) / tag / TRAINER_STATE).read_text())
     saved = state["config"]
     changed = [f"{k} {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in DATA_ORDER_KEYS if saved.get(k) != getattr(cfg, k)]
-    for key, now in (("num_samples", num_samples), ("world_size", world_size)):
-        if state[key] != now:
-            changed.append(f"{key} {state[key]} -> {now}")
+    if state["num_samples"] != num_samples:
+        changed.append(f"num_samples {state['num_samples']} -> {num_samples}")
     if changed:
         raise ConfigError(f"cannot resume {cfg.save_path}/{tag}: the data order changed ({', '.join(changed)})")
-    return tag
+    return ResumePoint(tag, state["world_size"])
 
 
-def resume(engine, cfg: TrainConfig, tag: str) -> int:
-    """Load checkpoint ``tag``; returns the number of optimizer steps already done."""
-    _, client_state = engine.load_checkpoint(cfg.save_path, tag=tag)
-    rng = torch.load(Path(cfg.save_path) / tag / STATE_NAME.format(rank=dist.get_rank()), weights_only=False)
+def to_universal(tag_dir: Path) -> None:
+    """Convert checkpoint ``tag_dir`` to DeepSpeed's universal format in ``tag_dir/universal``, once
+    (rank 0 converts into a temporary folder and renames it; the others wait)."""
+    target = tag_dir / UNIVERSAL
+    if dist.get_rank() == 0 and not target.is_dir():
+        tmp = tag_dir / (TMP_PREFIX + UNIVERSAL)
+        shutil.rmtree(tmp, ignore_errors=True)
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
+               "--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise TrainingError(f"converting {tag_dir} to DeepSpeed's universal format failed: "
+                                f"{(proc.stderr.strip().splitlines() or ['no output'])[-1]}")
+        os.replace(tmp, target)
+    dist.barrier()
+
+
+def resume(engine, cfg: TrainConfig, point: ResumePoint) -> int:
+    """Load checkpoint ``point``; returns the number of optimizer steps already done.
+
+    On another world size than the one that wrote it, the checkpoint is read through DeepSpeed's
+    universal format (each parameter and its Adam moments whole, re-partitioned on load; the
+    engine was built with ``checkpoint.load_universal``). RNG states come from this rank's file,
+    or rank 0's when the checkpoint has none for it.
+    """
+    tag_dir = Path(cfg.save_path) / point.tag
+    if point.world_size != dist.get_world_size():
+        if dist.get_rank() == 0:
+            print(f"resuming {tag_dir} (written by {point.world_size} ranks) on {dist.get_world_size()} ranks "
+                  f"through DeepSpeed's universal checkpoint format")
+        to_universal(tag_dir)
+        _, client_state = engine.load_checkpoint(str(tag_dir), tag=UNIVERSAL)
+    else:
+        _, client_state = engine.load_checkpoint(cfg.save_path, tag=point.tag)
+    own = tag_dir / STATE_NAME.format(rank=dist.get_rank())
+    rng = torch.load(own if own.is_file() else tag_dir / STATE_NAME.format(rank=0), weights_only=False)
     torch.set_rng_state(rng["torch"])
     random.setstate(rng["python"])
     return client_state["global_step"]
@@ -284,7 +409,7 @@ def train(cfg: TrainConfig, data: Prepared) -> None:
     engine = build_engine(cfg, data.ds_config)
     dataset, save, total_steps = data.train_set, Path(cfg.save_path), data.total_steps
     batching = make_batching(cfg, world, rank)
-    step = resume(engine, cfg, data.resume_tag) if data.resume_tag else 0
+    step = resume(engine, cfg, data.resume_point) if data.resume_point else 0
     (save / "logs").mkdir(parents=True, exist_ok=True)
     metrics = MetricsLogger(save / "logs", enabled=rank == 0)
     if rank == 0:
@@ -292,36 +417,39 @@ def train(cfg: TrainConfig, data: Prepared) -> None:
         print(f"{len(dataset)} samples ({dataset.num_skipped} skipped: prompt longer than max_length, "
               f"{dataset.num_truncated} truncated), {len(data.eval_set or [])} eval samples; "
               f"{batching.describe(engine.gradient_accumulation_steps())}; {total_steps} steps, starting at {step}")
-    # Redrawn often on a terminal; in a log file every redraw is a line, so rarely.
-    bar = tqdm(total=total_steps, initial=step, disable=rank != 0, desc="train", dynamic_ncols=True,
-               mininterval=0.5 if sys.stderr.isatty() else 60)
-    run = RunStats()
-    while step < total_steps:
-        epoch = batching.epoch(step, len(dataset))
-        batches = batching.micro_batches(dataset, step)
-        run.add_micro_batches(batches)
-        run.loss, n_tokens = train_step(engine, batches, world)
-        step += 1
-        run.supervised += n_tokens
-        if not math.isfinite(run.loss):
-            raise TrainingError(f"non-finite loss {run.loss} at step {step}; stopping, the last good checkpoint is kept")
-        lr, tok_s = engine.get_lr()[0], run.supervised / run.elapsed()
-        metrics.log(step, "train", loss=run.loss, lr=lr, grad_norm=float(engine.get_global_grad_norm() or 0.0),
-                    tokens_per_s=tok_s, supervised_tokens=n_tokens)
-        if step % cfg.logging_steps == 0 or step == total_steps:
-            bar.set_postfix(loss=f"{run.loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
-            if rank == 0:
-                tqdm.write(f"step {step}/{total_steps} epoch {epoch} loss {run.loss:.4f} lr {lr:.3e}")
-        if data.eval_set and (step == total_steps or cfg.eval_steps and step % cfg.eval_steps == 0):
-            run.eval_loss = eval_loss(engine, data.eval_set, batching)
-            metrics.log(step, "eval", loss=run.eval_loss)
-            if rank == 0:
-                tqdm.write(f"step {step}/{total_steps} eval loss {run.eval_loss:.4f}")
-        bar.update(1)
-        if cfg.save_steps and step % cfg.save_steps == 0 and step < total_steps:
-            save_checkpoint(engine, cfg, step, epoch, len(dataset))
+    run, stopped = RunStats(), False
+    # Redrawn often on a terminal; in a log file every redraw is a line, so rarely. Closed on any exit,
+    # so an error line starts a line of its own.
+    with tqdm(total=total_steps, initial=step, disable=rank != 0, desc="train", dynamic_ncols=True,
+              mininterval=0.5 if sys.stderr.isatty() else 60) as bar:
+        while step < total_steps and not stopped:
+            epoch = batching.epoch(step, len(dataset))
+            batches = batching.micro_batches(dataset, step)
+            run.add_micro_batches(batches)
+            run.loss, n_tokens = train_step(engine, batches, world)
+            step += 1
+            run.supervised += n_tokens
+            if not math.isfinite(run.loss):
+                raise TrainingError(f"non-finite loss {run.loss} at step {step}; stopping, the last good checkpoint "
+                                    f"is kept")
+            lr, tok_s = engine.get_lr()[0], run.supervised / run.elapsed()
+            metrics.log(step, "train", loss=run.loss, lr=lr, grad_norm=float(engine.get_global_grad_norm() or 0.0),
+                        tokens_per_s=tok_s, supervised_tokens=n_tokens)
+            if step % cfg.logging_steps == 0 or step == total_steps:
+                bar.set_postfix(loss=f"{run.loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
+                if rank == 0:
+                    tqdm.write(f"step {step}/{total_steps} epoch {epoch} loss {run.loss:.4f} lr {lr:.3e}")
+            if data.eval_set and (step == total_steps or cfg.eval_steps and step % cfg.eval_steps == 0):
+                run.eval_loss = eval_loss(engine, data.eval_set, batching)
+                metrics.log(step, "eval", loss=run.eval_loss)
+                if rank == 0:
+                    tqdm.write(f"step {step}/{total_steps} eval loss {run.eval_loss:.4f}")
+            bar.update(1)
+            stopped = step < total_steps and stopped_or_saved(engine, cfg, step, epoch, len(dataset))
     run.train_seconds = run.elapsed()
-    bar.close()
+    if stopped:
+        metrics.close()
+        return
     tag = save_checkpoint(engine, cfg, step, cfg.epochs, len(dataset))
     if cfg.lora_r:
         save_adapter(engine, save)
@@ -381,6 +509,7 @@ def finish(run: RunStats, engine, cfg: TrainConfig, save: Path, tag: str, step: 
 
 
 def main(argv: list[str] | None = None) -> int:
+    STOP.install()
     try:
         cfg = load_config(argv)
         single_process_env()
@@ -391,8 +520,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         train(cfg, data)
-    except TrainingError as err:
-        print(f"error (rank {os.environ['RANK']}): {err}", file=sys.stderr)
+    except TrainingError as err:  # raised on every rank alike: one line is enough
+        if os.environ["RANK"] == "0":
+            print(f"error: {err}", file=sys.stderr)
         return 1
     return 0
 
