@@ -35,7 +35,7 @@ from openalpaca.distributed import init_distributed
 from openalpaca.loss import num_targets, sft_ce_sum
 from openalpaca.metrics import MetricsLogger, plot_losses
 from openalpaca.packing import model_inputs
-from openalpaca.records import DataError
+from openalpaca.records import DataError, check_save_path
 
 REPO = Path(__file__).resolve().parent
 # Keys that decide which samples each step sees: a resumed run must agree on them.
@@ -82,6 +82,7 @@ def prepare(cfg: TrainConfig, world_size: int) -> Prepared:
     """Everything that can fail on user input, checked before DeepSpeed or a model is touched."""
     raw_ds = load_ds_config(cfg.ds_config)
     check_model_folder(cfg.model_path)
+    check_save_path(cfg.save_path)
     records = read_alpaca(cfg.data_path)
     eval_records = read_alpaca(cfg.eval_data_path) if cfg.eval_data_path else []
     if not cfg.eval_data_path and cfg.eval_ratio > 0:

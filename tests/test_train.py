@@ -70,9 +70,7 @@ TRAINER_BAD_INPUT = [
     (["--layout", "foo"], "config/openllama.yaml: layout must be one of original, clean, got 'foo'"),
     (["--lr", "abc"], "argument --lr: invalid float value: 'abc'"),
     (["--nope", "3"], "unrecognized arguments: --nope 3"),
-    pytest.param(["--save_path", "{tmp}/afile/out"], "{tmp}/afile/out: save path cannot be made, {tmp}/afile is not "
-                 "a directory", marks=pytest.mark.xfail(strict=True, reason="train_sft.prepare does not call "
-                                                        "openalpaca.records.check_save_path yet (issue 16 report)")),
+    (["--save_path", "{tmp}/afile/out"], "{tmp}/afile/out: save path cannot be made, {tmp}/afile is not a directory"),
 ]
 
 
