@@ -1,7 +1,7 @@
 """Real 2-rank ZeRO-3 checkpoints, exported every way the README gives, against the engine itself.
 
 Two runs of ``train_sft.py`` through the DeepSpeed launcher on 2 CPU ranks (gloo), in fp32, via
-``tests/probe_train.py``, which saves the trained ZeRO-3 engine's own logits on a fixed probe at
+``bench/probe_train.py``, which saves the trained ZeRO-3 engine's own logits on a fixed probe at
 the end of the run: a full fine-tune (the original recipe) and a LoRA run (``--lora_r 4``, token
 weighting). Each has an eval file, so its last logged eval loss (``logs/metrics.jsonl``, split
 "eval") is the loss of the final weights over both ranks.
@@ -100,7 +100,7 @@ def train(tiny_model_dir, tmp_path, name: str, *extra: str) -> dict:
     eval_data.write_text(json.dumps(eval_records))
     save, probe = tmp_path / name, tmp_path / f"{name}_probe.pt"
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
-           "tests/probe_train.py", "--config", "config/openllama.yaml", "--model_path", str(tiny_model_dir),
+           "bench/probe_train.py", "--config", "config/openllama.yaml", "--model_path", str(tiny_model_dir),
            "--data_path", str(data), "--eval_data_path", str(eval_data), "--save_path", str(save),
            "--dtype", "fp32", "--batch_size", "8", "--epochs", "2", "--warmup_steps", "1", *extra]
     proc = run(cmd, timeout=600, env={"PROBE_OUT": str(probe), "OMP_NUM_THREADS": "1"})

@@ -1,7 +1,8 @@
-"""train_sft.py as tests/test_export_multirank.py launches it: the same trainer, plus the trained
-engine's own logits on a fixed probe at the very end of the run, from outside.
+"""train_sft.py plus the trained engine's own logits on a fixed probe at the very end of the run,
+added from outside: the reference that bench/gpu_check.py and tests/test_export_multirank.py
+compare every exported folder against (``TRAIN_ENTRY=bench/probe_train.py scripts/train_sft.sh``).
 
-    PROBE_OUT=FILE python -m deepspeed.launcher.runner --num_gpus 2 tests/probe_train.py <train_sft.py flags>
+    PROBE_OUT=FILE python -m deepspeed.launcher.runner --num_gpus 2 bench/probe_train.py <train_sft.py flags>
 
 After ``train_sft.finish`` (the last checkpoint is written), every rank runs the ZeRO-3 engine's
 forward on ``PROBE`` (each forward gathers the partitioned weights, so every rank must take part)
