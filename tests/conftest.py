@@ -54,6 +54,15 @@ def alpaca_file(tmp_path) -> Path:
     return path
 
 
+def free_port() -> int:
+    """A TCP port that was free a moment ago (for a launcher's --master_port)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def clean_env() -> dict[str, str]:
     """The environment a user's shell would give: no PYTHONPATH, CPU DeepSpeed, this Python."""
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHON": sys.executable, "PYTHONUNBUFFERED": "1"}

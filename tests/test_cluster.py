@@ -18,14 +18,12 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import time
 
 import pytest
 
-from tests.conftest import REPO, clean_env, make_records
+from tests.conftest import REPO, clean_env, free_port, make_records
 
 pytestmark = pytest.mark.slow
 ARGS = ["--epochs", "2", "--batch_size", "4", "--micro_batch_size", "1", "--lr", "5e-3", "--warmup_steps", "1",
@@ -33,11 +31,6 @@ ARGS = ["--epochs", "2", "--batch_size", "4", "--micro_batch_size", "1", "--lr",
 TOTAL = 20  # 2 epochs x 40 samples / 4
 BOUND = 1e-6
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start(model, data, save, *extra, ranks: int = 2, launcher=()) -> subprocess.Popen:

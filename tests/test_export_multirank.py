@@ -28,7 +28,6 @@ of per-sample mean losses (sample weighting) or the token mean (token weighting)
 from __future__ import annotations
 
 import json
-import socket
 import sys
 
 import pytest
@@ -36,7 +35,8 @@ import sentencepiece as spm
 import torch
 from transformers import LlamaForCausalLM
 
-from tests.conftest import make_records, run
+from tests.conftest import free_port, make_records, run
+from tests.original_code import original_sample
 
 pytestmark = pytest.mark.slow
 
@@ -44,24 +44,7 @@ U = 2.0**-24
 N_TRAIN, N_EVAL = 24, 13  # 13 eval records: the two ranks get unequal shares (one pad slot)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
-
-def prompt(instruction: str, input: str) -> str:
-    if input != "":
-        return f"### Input:\n{input}\n\n### Instruction:\n{instruction}\n\n### Response:"
-    return f"### Instruction:\n{instruction}\n\n### Response:"
-
-
-def original_sample(sp, record) -> tuple[list[int], list[int], list[int]]:
-    """The original code's ids, labels and ``ids != 2`` mask: [1, 1, P, 2, 1, 1, O, 2]."""
-    s, t = [1] + sp.encode(prompt(record["instruction"], record["input"])), [1] + sp.encode(record["output"])
-    ids = [1] + s + [2] + [1] + t + [2]
-    labels = [1] + [-100] * len(s) + [2] + [1] + t + [2]
-    return ids, labels, [int(i != 2) for i in ids]
 
 
 def load(path) -> LlamaForCausalLM:
@@ -84,7 +67,7 @@ def eval_loss(model, sp, records, weighting: str) -> float:
     """One process, plain transformers: the eval loss as the recipe weighs it."""
     means, ce_sum, n_sum = [], 0.0, 0
     for record in records:
-        ids, labels, mask = original_sample(sp, record)
+        ids, labels, mask = original_sample(sp, **record)
         loss = model(input_ids=torch.tensor([ids]), attention_mask=torch.tensor([mask]),
                      labels=torch.tensor([labels])).loss.double().item()
         n = sum(label != -100 for label in labels[1:])

@@ -11,6 +11,7 @@ import sentencepiece as spm
 
 from openalpaca.data import collate
 from openalpaca.prompts import IGNORE_INDEX, SampleFormat, build_prompt, encode_sample, prompt_ids
+from tests.original_code import original_sample, seed_prompt
 
 ORIGINAL = SampleFormat("original", "keep_end", hide_eos_keys=True)
 CLEAN = SampleFormat("clean", "keep_prompt", hide_eos_keys=False)
@@ -21,23 +22,11 @@ RECORDS = [
 ]
 
 
-def seed_prompt(instruction: str, input: str) -> str:
-    if input != "":
-        return f"### Input:\n{input}\n\n### Instruction:\n{instruction}\n\n### Response:"
-    return f"### Instruction:\n{instruction}\n\n### Response:"
-
 
 @pytest.fixture(scope="module")
 def sp(tiny_model_dir):
     return spm.SentencePieceProcessor(model_file=str(tiny_model_dir / "tokenizer.model"))
 
-
-def original_tensors(sp, instruction, input, output):
-    s = [1] + sp.encode(seed_prompt(instruction, input))  # LlamaTokenizer.encode adds its bos
-    t = [1] + sp.encode(output)
-    ids = [1] + s + [2] + [1] + t + [2]
-    labels = [1] + [-100] * len(s) + [2] + [1] + t + [2]
-    return ids, labels, [int(i != 2) for i in ids]
 
 
 def test_templates_match_the_seed_readme_character_for_character():
@@ -51,7 +40,7 @@ def test_templates_match_the_seed_readme_character_for_character():
 
 @pytest.mark.parametrize("record", RECORDS)
 def test_original_layout_ids_labels_and_mask(tokenizer, sp, record):
-    ids, labels, mask = original_tensors(sp, *record)
+    ids, labels, mask = original_sample(sp, *record)
     s = encode_sample(tokenizer, *record, max_length=1024, fmt=ORIGINAL)
     assert (s.input_ids, s.labels, s.mask) == (ids, labels, mask)
     assert ids[:2] == [1, 1] and not s.truncated
@@ -79,7 +68,7 @@ def test_hide_eos_keys_is_its_own_switch(tokenizer, layout):
 
 def test_keep_end_truncation_is_the_originals_last_max_length(tokenizer, sp):
     record = ("Repeat the words.", "kiwi lime " * 6, "kiwi lime " * 6)
-    ids, labels, mask = original_tensors(sp, *record)
+    ids, labels, mask = original_sample(sp, *record)
     for length in (len(ids) - 1, 12, 3):
         s = encode_sample(tokenizer, *record, max_length=length, fmt=ORIGINAL)
         assert (s.input_ids, s.labels, s.mask) == (ids[-length:], labels[-length:], mask[-length:])

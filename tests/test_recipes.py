@@ -11,7 +11,6 @@ equal plain transformers' from the initial weights, and the loss goes down.
 from __future__ import annotations
 
 import json
-import socket
 import sys
 
 import pytest
@@ -19,35 +18,15 @@ import sentencepiece as spm
 import torch
 
 from model.llama import load_model
-from tests.conftest import make_records, run
+from tests.conftest import free_port, make_records, run
+from tests.original_code import clean_sample, original_sample
 
 pytestmark = pytest.mark.slow
 N_RECORDS = 320  # 2 epochs x 320 // 64 = 10 steps (original); 2 x ceil(320 / 64) = 10 (fast)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
-def seed_prompt(instruction: str, input: str) -> str:
-    if input != "":
-        return f"### Input:\n{input}\n\n### Instruction:\n{instruction}\n\n### Response:"
-    return f"### Instruction:\n{instruction}\n\n### Response:"
-
-
-def original_sample(sp, record) -> tuple[list[int], list[int], list[int]]:
-    s = [1] + sp.encode(seed_prompt(record["instruction"], record["input"]))
-    t = [1] + sp.encode(record["output"])
-    ids = [1] + s + [2] + [1] + t + [2]
-    labels = [1] + [-100] * len(s) + [2] + [1] + t + [2]
-    return ids[-1024:], labels[-1024:], [int(i != 2) for i in ids][-1024:]
-
-
-def clean_sample(sp, record) -> tuple[list[int], list[int]]:
-    p, o = sp.encode(seed_prompt(record["instruction"], record["input"])), sp.encode(record["output"])
-    return [1] + p + [2, 1] + o + [2], [-100] * (len(p) + 3) + o + [2]
 
 
 def train(config: str, tiny_model_dir, tmp_path) -> tuple[list[dict], dict[int, list[dict]], list[dict]]:
@@ -93,7 +72,7 @@ def test_original_recipe_trains_the_originals_tensors(tiny_model_dir, tmp_path):
         assert len(batches[rank]) == 32  # 64 = 2 ranks x 32 accumulation x micro-batch 1
         for batch in batches[rank]:
             (sample_id,) = batch["sample_ids"]
-            ids, labels, mask = original_sample(sp, records[sample_id])
+            ids, labels, mask = original_sample(sp, **records[sample_id])
             assert batch["input_ids"].tolist() == [ids]
             assert batch["labels"].tolist() == [labels]
             assert batch["attention_mask"].tolist() == [mask]
@@ -114,7 +93,7 @@ def test_fast_recipe_trains_clean_packed_rows(tiny_model_dir, tmp_path):
             bounds = batch["cu_seq_lens_q"].tolist()
             assert "attention_mask" not in batch and len(bounds) == len(batch["sample_ids"]) + 1
             for (a, b), sample_id in zip(zip(bounds[:-1], bounds[1:]), batch["sample_ids"]):
-                ids, labels = clean_sample(sp, records[sample_id])
+                ids, labels = clean_sample(sp, **records[sample_id])
                 assert batch["input_ids"][0, a:b].tolist() == ids
                 assert batch["labels"][0, a:b].tolist() == labels
                 assert batch["position_ids"][0, a:b].tolist() == list(range(b - a))

@@ -9,14 +9,13 @@ must have trained every optimizer step on the same samples.
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
 
-from tests.conftest import REPO, clean_env, make_records, run
+from tests.conftest import REPO, clean_env, free_port, make_records, run
 from tests.test_train import losses
 
 pytestmark = pytest.mark.slow  # launcher runs and child processes
@@ -48,11 +47,6 @@ def launch(model, data, save, *extra, env=None):
 def trace(save):
     return save.parent / f"{save.name}-trace"
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def finish(proc, timeout=300):
