@@ -6,7 +6,7 @@ engine, then 50 steps of the same model in plain PyTorch on the same micro-batch
     DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 .venv/bin/python -m deepspeed.launcher.runner --num_gpus 2 \\
         bench/zero3_step_time.py --config config/demo.yaml --model_path ckpt/demo/base \\
         --data_path ckpt/demo/data/openalpaca.json --save_path /tmp/zero3_step_time \
-        --pack false --micro_batch_size 16 [--zero_overrides ""]
+        --pack false --max_tokens_per_micro_batch 0 --micro_batch_size 16 [--zero_overrides ""]
 
 It times padded micro-batches of ``micro_batch_size`` samples (one per optimizer step), hence
 ``--pack false`` over config/demo.yaml's packing. The numbers behind config/demo.yaml's
