@@ -138,7 +138,9 @@ def test_sigterm_to_the_job_saves_then_the_resume_equals_the_uninterrupted_run(t
     code, out, err = finish(start(tiny_model_dir, data, b, "--resume", "true"))
     assert code == 0, err[-3000:]
     assert f"starting at {step}" in out
-    assert max_diff(weights(uninterrupted), weights(b)) <= BOUND
+    diff = max_diff(weights(uninterrupted), weights(b))
+    print(f"SIGTERM after step {step}, resumed: max abs weight difference {diff:.2e}")
+    assert diff <= BOUND
     assert steps_seen(b) == steps_seen(uninterrupted)
 
 
@@ -160,7 +162,9 @@ def test_resume_on_another_world_size_continues_the_same_run(tiny_model_dir, dat
     assert code == 0, err[-3000:]
     assert f"(written by {first} ranks) on {then} ranks through DeepSpeed's universal checkpoint format" in out
     assert "starting at 8" in out
-    assert max_diff(weights(uninterrupted), weights(b)) <= BOUND
+    diff = max_diff(weights(uninterrupted), weights(b))
+    print(f"{first} ranks to step 8, resumed on {then}: max abs weight difference {diff:.2e}")
+    assert diff <= BOUND
     assert steps_seen(b) == steps_seen(uninterrupted)
 
 
