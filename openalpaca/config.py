@@ -290,11 +290,6 @@ def load_config(argv: list[str] | None = None) -> TrainConfig:
 # ---------------------------------------------------------------------------- DeepSpeed JSON
 
 
-def steps_per_epoch(num_samples: int, batch_size: int) -> int:
-    """Optimizer steps in one epoch; the last step is partial rather than dropping samples."""
-    return math.ceil(num_samples / batch_size)
-
-
 def gradient_accumulation_steps(cfg: TrainConfig, world_size: int) -> int:
     per_step = cfg.micro_batch_size * world_size
     if cfg.batch_size % per_step:

@@ -64,9 +64,6 @@ class SFTDataset:
     def __len__(self) -> int:
         return len(self.samples)
 
-    def num_tokens(self) -> int:
-        return sum(len(s.input_ids) for s in self.samples)
-
 
 # ---------------------------------------------------------------------------- data order
 
