@@ -364,6 +364,12 @@ def step_weight(batch: dict) -> float:
     return float(batch["weights"].sum()) if "weights" in batch else num_targets(batch["labels"])
 
 
+def batch_ce_sum(engine, batch: dict) -> torch.Tensor:
+    """The micro-batch's cross-entropy sum, weighted by its ``weights`` when it has them."""
+    weights = batch["weights"].to(engine.device) if "weights" in batch else None
+    return sft_ce_sum(engine, model_inputs(batch, engine.device), batch["labels"].to(engine.device), weights)
+
+
 def train_step(engine, batches: list[dict], world: int) -> tuple[float, float]:
     """One optimizer step over this rank's micro-batches; returns (step loss, supervised tokens).
 
@@ -378,8 +384,7 @@ def train_step(engine, batches: list[dict], world: int) -> tuple[float, float]:
     for i, batch in enumerate(batches):
         # A packed step has as many micro-batches as its samples need: say which one ends it.
         engine.set_gradient_accumulation_boundary(i == len(batches) - 1)
-        weights = batch["weights"].to(engine.device) if "weights" in batch else None
-        ce = sft_ce_sum(engine, model_inputs(batch, engine.device), batch["labels"].to(engine.device), weights)
+        ce = batch_ce_sum(engine, batch)
         # DeepSpeed divides by gas and averages over ranks; undo both so the gradient is sum / total.
         engine.backward(ce * (gas * world / total))
         engine.step()
@@ -392,14 +397,13 @@ def eval_loss(engine, eval_set: SFTDataset, batching: Batching) -> float:
     """Loss over the whole eval set, weighted as in training; every rank runs the same number of
     forwards (ZeRO-3 gathers)."""
     engine.eval()
-    ce, total = torch.zeros((), dtype=torch.float64), 0.0
+    ce, total = 0.0, 0.0
     for batch in micro_batches(eval_set, batching.everything(eval_set), batching.weighting):
-        weights = batch["weights"].to(engine.device) if "weights" in batch else None
-        ce += sft_ce_sum(engine, model_inputs(batch, engine.device), batch["labels"].to(engine.device),
-                         weights).double().cpu()
+        ce += batch_ce_sum(engine, batch).item()
         total += step_weight(batch)
     engine.train()
-    return (all_reduce_sum(ce, engine.device) / all_reduce_sum(torch.tensor(total), engine.device)).item()
+    ce, total = all_reduce_sum(torch.tensor([ce, total]), engine.device).tolist()
+    return ce / total
 
 
 def train(cfg: TrainConfig, data: Prepared) -> None:

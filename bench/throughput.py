@@ -98,7 +98,7 @@ def build(work: Path, samples: int) -> tuple[Path, Path, int, list[int]]:
     write_tiny_llama(model, config)
     params = sum(p.numel() for p in LlamaForCausalLM(config).parameters())
     dataset = SFTDataset.from_records(records, load_tokenizer(model), 1024)
-    return data, model, params, [len(s.input_ids) for s in dataset.samples]
+    return data, model, params, dataset.lengths
 
 
 def train(mode: str, data: Path, model: Path, save: Path, max_tokens: int) -> dict[str, float]:

@@ -16,7 +16,6 @@ from openalpaca.data import (
     micro_batches,
     rank_micro_batches,
     step_slots,
-    total_steps,
 )
 from openalpaca.packing import packed_micro_batches, rank_packed_micro_batches
 
@@ -36,9 +35,6 @@ class Batching:
     def packed(self) -> bool:
         return self.max_tokens > 0
 
-    def num_steps(self, num_samples: int, epochs: int) -> int:
-        return total_steps(num_samples, epochs, self.batch_size, self.epoch_tail)
-
     def epoch(self, step: int, num_samples: int) -> int:
         return epoch_of(step, num_samples, self.batch_size, self.epoch_tail)
 
@@ -46,16 +42,13 @@ class Batching:
         """This rank's micro-batches of step ``step`` (0-based), as sample indices."""
         slots = step_slots(len(dataset), step, self.seed, self.batch_size, self.epoch_tail)
         if self.packed:
-            lengths = [len(s.input_ids) for s in dataset.samples]
-            return rank_packed_micro_batches(slots, lengths, self.max_tokens, self.world_size, self.rank)
+            return rank_packed_micro_batches(slots, dataset.lengths, self.max_tokens, self.world_size, self.rank)
         return rank_micro_batches(slots, self.micro_batch_size, self.world_size, self.rank)
 
     def micro_batches(self, dataset: SFTDataset, step: int) -> list[dict[str, Any]]:
         """The collated micro-batches of step ``step`` on this rank, each with its ``sample_ids``."""
-        return self.collate(dataset, self.plan(dataset, step))
-
-    def collate(self, dataset: SFTDataset, plan: list[list[int]]) -> list[dict[str, Any]]:
-        return (packed_micro_batches if self.packed else micro_batches)(dataset, plan, self.weighting)
+        collate = packed_micro_batches if self.packed else micro_batches
+        return collate(dataset, self.plan(dataset, step), self.weighting)
 
     def everything(self, dataset: SFTDataset) -> list[list[int]]:
         """This rank's share of the whole of ``dataset`` (for the eval loss); every rank gets the

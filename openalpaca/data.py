@@ -64,6 +64,11 @@ class SFTDataset:
     def __len__(self) -> int:
         return len(self.samples)
 
+    @functools.cached_property
+    def lengths(self) -> list[int]:
+        """Tokens of each sample (what packing plans with), computed once."""
+        return [len(s.input_ids) for s in self.samples]
+
 
 # ---------------------------------------------------------------------------- data order
 
