@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-import yaml
 
+from model.export import train_config
 from openalpaca.prompts import EOS_ID, PAD_ID, Tokenizer, prompt_ids
 
 MAX_PROMPT_TOKENS = 1024  # the snippet's tokens[-1024:]
@@ -25,10 +25,7 @@ MAX_PROMPT_TOKENS = 1024  # the snippet's tokens[-1024:]
 def trained_layout(model_path: str | Path) -> str:
     """The layout recorded next to a checkpoint (``train_config.yaml``); ``original`` without a
     record: the published checkpoints, queried as the seed README's snippet does."""
-    record = Path(model_path) / "train_config.yaml"
-    if not record.is_file():
-        return "original"
-    return (yaml.safe_load(record.read_text()) or {}).get("layout", "original")
+    return train_config(model_path).get("layout", "original")
 
 
 @dataclass(frozen=True)
