@@ -26,7 +26,8 @@ import torch
 from tqdm import tqdm
 
 from model.llama import TORCH_DTYPES, ModelPathError, check_model_folder, load_model, load_tokenizer
-from openalpaca.generate import Sampling, generate, trained_layout
+from model.export import trained_layout
+from openalpaca.generate import Sampling, generate
 from openalpaca.prompts import LAYOUTS
 from openalpaca.records import DataError, atomic_write, check_output, read_records
 

@@ -487,7 +487,7 @@ class RunStats:
 
 def write_run_files(engine, cfg: TrainConfig, data: Prepared, save: Path) -> None:
     """Model config, tokenizer, the resolved training config and DeepSpeed JSON, next to the checkpoints."""
-    save_model_metadata(engine.module, data.tokenizer, save)
+    save_model_metadata(engine.module, data.tokenizer, save, cfg.layout)
     (save / CONFIG_NAME).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     (save / DS_CONFIG_NAME).write_text(json.dumps(data.ds_config, indent=2) + "\n")
 

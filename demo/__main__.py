@@ -22,7 +22,7 @@ from model.llama import load_model, load_tokenizer
 from demo.tiny import llama_config, tokenizer_vocab_size, train_tokenizer, write_tiny_llama
 from demo import synthetic
 from demo.evaluate import greedy_predictions
-from openalpaca.generate import trained_layout
+from model.export import trained_layout
 
 
 def make_base(out_dir: Path, hidden_size: int, num_layers: int, num_heads: int, vocab_size: int, seed: int) -> None:

@@ -42,8 +42,10 @@ import yaml
 
 from model.dtypes import CONFIG_DTYPE_NAMES
 from model.dtypes import TORCH_DTYPES as DTYPES
+from model.hf_tokenizer import write_hf_tokenizer
 from model.lora import merge_lora
-from model.tokenizer import TOKENIZER_FILES
+from model.tokenizer import SP_MODEL, TOKENIZER_FILES
+
 SAFETENSORS_DTYPES = {
     torch.float64: "F64",
     torch.float32: "F32",
@@ -71,6 +73,18 @@ def train_config(save_path: str | Path) -> dict[str, Any]:
     path = Path(save_path) / "train_config.yaml"
     config = yaml.safe_load(path.read_text()) if path.is_file() else {}
     return config if isinstance(config, dict) else {}
+
+
+def trained_layout(save_path: str | Path) -> str:
+    """The prompt layout recorded next to a checkpoint (``train_config.yaml``); ``original``
+    without a record: the published checkpoints, queried as the seed README's snippet does."""
+    return str(train_config(save_path).get("layout", "original"))
+
+
+def add_exact_tokenizer(save_path: Path, out: Path) -> list[str]:
+    """Write the exact ``tokenizer.json`` and the run's chat template into ``out`` (from its
+    ``tokenizer.model``), so a save path written before the trainer did so exports exact too."""
+    return write_hf_tokenizer(out, trained_layout(save_path)) if (out / SP_MODEL).is_file() else []
 
 
 def training_dtype(save_path: str | Path) -> str:
@@ -320,6 +334,7 @@ def export(
         (tmp / INDEX_NAMES[fmt]).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         export_config(save_path, tmp, dtype_name)
         copied = copy_side_files(save_path, tmp)
+        copied += [name for name in add_exact_tokenizer(save_path, tmp) if name not in copied]
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)

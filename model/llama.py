@@ -12,7 +12,8 @@ from typing import Any
 from transformers import GenerationConfig, LlamaForCausalLM
 
 from model.dtypes import TORCH_DTYPES
-from model.tokenizer import BOS_ID, EOS_ID, PAD_ID, ModelPathError, load_tokenizer
+from model.hf_tokenizer import write_hf_tokenizer
+from model.tokenizer import BOS_ID, EOS_ID, PAD_ID, SP_MODEL, ModelPathError, load_tokenizer
 
 __all__ = ["TORCH_DTYPES", "ModelPathError", "load_tokenizer", "check_model_folder", "load_model", "save_model_metadata"]
 
@@ -49,16 +50,23 @@ def load_model(path: str | Path, dtype: str = "fp32", **kwargs: Any) -> LlamaFor
 
 
 def generation_config() -> GenerationConfig:
-    return GenerationConfig(bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
+    """Special ids and the original's sampling (top-k 50, top-p 0.9, 128 new tokens): what
+    ``generate``, ``transformers serve`` and vLLM use when a request says nothing else."""
+    return GenerationConfig(bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID, do_sample=True, top_k=50,
+                            top_p=0.9, max_new_tokens=128)
 
 
-def save_model_metadata(model: LlamaForCausalLM, tokenizer: Any, dst: str | Path) -> None:
+def save_model_metadata(model: LlamaForCausalLM, tokenizer: Any, dst: str | Path, layout: str) -> None:
     """Write config.json, generation_config.json and the tokenizer files next to a checkpoint.
 
-    The tokenizer files are the base model's, copied as they are (``tokenizer.model`` among them:
-    the seed's listing has it), so the checkpoint's tokenizer gives the base model's ids.
+    The base model's tokenizer files are copied (``tokenizer.model`` among them: the seed's
+    listing has it); where there is a ``tokenizer.model``, the exact ``tokenizer.json`` and the
+    chat template of ``layout`` are written over whatever the base folder had
+    (``model.hf_tokenizer``), so every tool that loads the folder gets the training ids.
     """
     dst = Path(dst)
     model.config.save_pretrained(dst)
     generation_config().save_pretrained(dst)
     tokenizer.save_pretrained(dst)
+    if (dst / SP_MODEL).is_file():
+        write_hf_tokenizer(dst, layout)

@@ -11,21 +11,13 @@ with special tokens, ``<s>`` and ``</s>`` removed, stripped.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
-from model.export import train_config
 from openalpaca.prompts import EOS_ID, PAD_ID, Tokenizer, prompt_ids
 
 MAX_PROMPT_TOKENS = 1024  # the snippet's tokens[-1024:]
-
-
-def trained_layout(model_path: str | Path) -> str:
-    """The layout recorded next to a checkpoint (``train_config.yaml``); ``original`` without a
-    record: the published checkpoints, queried as the seed README's snippet does."""
-    return train_config(model_path).get("layout", "original")
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ stage "2/6 process_dataset.py: dolly -> Alpaca format"
 
 stage "3/6 base model: sentencepiece tokenizer (bos 1, eos 2) + random-init tiny LLaMA"
 "$PYTHON" -m demo base --out_dir "$OUT/base"
+bash scripts/exact_tokenizer.sh "$OUT/base" --layout clean  # as for a downloaded OpenLLaMA: lm-eval reads it
 
 stage "4/6 train: DeepSpeed ZeRO-3 on 2 CPU ranks"
 bash scripts/train_sft.sh --num_gpus 2 --config config/demo.yaml \

@@ -35,7 +35,7 @@ import torch
 from huggingface_hub import save_torch_state_dict
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from model.export import MODEL_FILES, RUN_RECORD  # noqa: E402
+from model.export import MODEL_FILES, RUN_RECORD, add_exact_tokenizer  # noqa: E402
 from model.tokenizer import TOKENIZER_FILES  # noqa: E402
 
 CONSOLIDATED = "pytorch_model.bin"
@@ -104,6 +104,7 @@ def make_shards(save_path: str | Path, out_dir: str | Path | None = None, max_sh
             for path in deepspeed_state(save_path):
                 shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
                 print(f"[make_shards] removed {path} (DeepSpeed state; --keep_deepspeed keeps it)")
+    add_exact_tokenizer(save_path, out)
     print(f"[make_shards] {len(set(weight_map.values()))} shard(s) + {INDEX} in {out}")
     return out
 

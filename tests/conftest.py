@@ -119,7 +119,8 @@ def copy_model_dir(tmp_path_factory) -> Path:
 
     The random ``tiny_model_dir`` answers the same text whatever the prompt, so it cannot tell a
     swapped instruction and input, a wrong prompt or broken left padding from the real thing.
-    Its folder records ``layout: clean`` (``train_config.yaml``), as the trainer's checkpoints do.
+    Its folder records ``layout: clean`` (``train_config.yaml``) and has the exact
+    ``tokenizer.json`` and the clean chat template, as the trainer's checkpoints do.
     """
     import sentencepiece as spm
     import torch
@@ -127,6 +128,7 @@ def copy_model_dir(tmp_path_factory) -> Path:
     from transformers import LlamaForCausalLM
 
     from demo.tiny import llama_config, train_tokenizer
+    from model.hf_tokenizer import write_hf_tokenizer
     from model.llama import generation_config
     from openalpaca.prompts import PROMPT_NO_INPUT, PROMPT_WITH_INPUT, build_prompt
 
@@ -159,4 +161,5 @@ def copy_model_dir(tmp_path_factory) -> Path:
     model.generation_config = generation_config()
     model.save_pretrained(out)
     (out / "train_config.yaml").write_text(yaml.safe_dump({"layout": "clean", "dtype": "fp32"}))
+    write_hf_tokenizer(out, "clean")
     return out

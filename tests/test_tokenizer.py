@@ -89,7 +89,7 @@ def test_tokenizer_saved_next_to_a_checkpoint_reloads_with_the_same_ids(folder, 
         config = Config()
 
     tokenizer = load_tokenizer(folder)
-    save_model_metadata(Model(), tokenizer, tmp_path)
+    save_model_metadata(Model(), tokenizer, tmp_path, "original")
     assert (tmp_path / "tokenizer.model").read_bytes() == (folder / "tokenizer.model").read_bytes()
     reloaded = load_tokenizer(tmp_path)
     for text in TRICKY + templates():
