@@ -40,6 +40,11 @@ def test_data_order_depends_only_on_seed_and_step():
         assert step_slots(50, 3, 1, 8, tail) == step_slots(50, 3, 1, 8, tail)
         assert step_slots(50, 3, 1, 8, tail) != step_slots(50, 9, 1, 8, tail)  # another epoch's shuffle
         assert step_slots(50, 3, 1, 8, tail) != step_slots(50, 3, 2, 8, tail)
+    # Each epoch is shuffled anew: the same place in the next epoch (7 steps of 8 per epoch of 50,
+    # padded) holds other samples, and the whole stream of epoch 1 is not epoch 0's again.
+    assert step_slots(50, 3, 1, 8, "pad") != step_slots(50, 3 + 7, 1, 8, "pad")
+    carry = [i for s in range(12) for i in step_slots(50, s, 1, 8, "carry")]
+    assert sorted(carry[:50]) == list(range(50)) and carry[:46] != carry[50:96]
 
 
 

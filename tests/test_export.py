@@ -37,7 +37,6 @@ sys.path.insert(0, str(REPO / "tests"))
 import helpers_engine  # noqa: E402  (sibling helper module, tests/ is not a package)
 from demo.tiny import llama_config, make_tiny_checkpoint, tokenizer_vocab_size, write_tiny_llama  # noqa: E402
 from model import export as export_mod  # noqa: E402
-from openalpaca.prompts import BOS_ID, EOS_ID  # noqa: E402
 
 pytestmark = pytest.mark.slow  # launcher runs and child processes
 
@@ -146,11 +145,13 @@ def check_index(folder: Path, index_name: str) -> dict[str, str]:
 
 
 def check_tokenizer(folder: Path) -> None:
-    from transformers import AutoTokenizer
+    """The exact tokenizer and the chat template of the run's layout (none recorded: original).
 
-    tok = AutoTokenizer.from_pretrained(str(folder))
-    assert (tok.bos_token_id, tok.eos_token_id) == (BOS_ID, EOS_ID)
-    assert tok.encode("the fox", add_special_tokens=False)
+    The save paths here hold only the base folder's ``tokenizer.model`` and OpenLLaMA's config
+    (as a save path written before the trainer wrote the exact files): the exporters add them."""
+    from tests.exact_tokenizer import assert_exact_tokenizer
+
+    assert_exact_tokenizer(folder, "original")
 
 
 def test_engine_trained_away_from_init(ckpt: dict[str, Any], tmp_path: Path) -> None:
@@ -216,6 +217,7 @@ def test_make_shards_to_other_dir_keeps_source(ckpt: dict[str, Any], tmp_path: P
     assert check_index(out, "pytorch_model.bin.index.json") and (out / "pytorch_model-00001-of-00001.bin").is_file()
     assert all((out / name).is_file() for name in ("config.json", *SIDE_FILES))
     torch.testing.assert_close(logits_of(load(out), ckpt["input_ids"]), ckpt["logits"], atol=1e-5, rtol=0)
+    check_tokenizer(out)
 
 
 def load_script(path: Path) -> Any:
@@ -421,3 +423,18 @@ def test_bf16_training_exports_bf16_by_default(bf16_ckpt: dict[str, Any], tmp_pa
     model = load(out, dtype=None)
     assert model.dtype == torch.bfloat16
     torch.testing.assert_close(logits_of(model, bf16_ckpt["input_ids"]), bf16_ckpt["logits"], atol=0, rtol=0)
+
+
+def test_make_shards_default_is_the_originals_5gb(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every other test passes a size or fits one shard either way: here the command as the seed
+    README runs it (no --max_shard_size) must split at 5GB."""
+    make_shards = load_script(REPO / "scripts" / "make_shards.py")
+    sizes = []
+    real = make_shards.save_torch_state_dict
+    monkeypatch.setattr(make_shards, "save_torch_state_dict",
+                        lambda *a, **kw: sizes.append(kw["max_shard_size"]) or real(*a, **kw))
+    save = tmp_path / "save"
+    save.mkdir()
+    torch.save({"model.embed_tokens.weight": torch.zeros(4, 4)}, save / "pytorch_model.bin")
+    make_shards.main([str(save)])
+    assert sizes == ["5GB"]

@@ -66,10 +66,13 @@ def test_inference_py_prompts_in_the_layout_recorded_next_to_the_checkpoint(tiny
     assert capsys.readouterr().out.splitlines()[-1] == sp.decode(answer).strip()
 
 
-def test_left_padded_batches_give_the_same_greedy_answers(model, tokenizer):
-    greedy = Sampling(max_new_tokens=6, greedy=True)
-    one_by_one = [generate(model, tokenizer, [q], greedy, batch_size=1)[0] for q in QUESTIONS]
-    assert generate(model, tokenizer, QUESTIONS, greedy, batch_size=3) == one_by_one
+def test_left_padded_batches_give_the_same_greedy_answers(copy_model, copy_tokenizer):
+    """On the prompt-sensitive model (the random one answers alike whatever it attends to): one
+    batch of six prompts of different lengths, left-padded, answers as each prompt alone."""
+    greedy = Sampling(max_new_tokens=NEW, greedy=True)
+    one_by_one = [generate(copy_model, copy_tokenizer, [q], greedy, batch_size=1)[0] for q in COPY_QUESTIONS]
+    assert len({len(prompt_ids(copy_tokenizer, *q)) for q in COPY_QUESTIONS}) > 1  # padding happens
+    assert generate(copy_model, copy_tokenizer, COPY_QUESTIONS, greedy, batch_size=len(COPY_QUESTIONS)) == one_by_one
 
 
 def test_sampling_is_reproducible_with_a_seed(model, tokenizer):
@@ -201,6 +204,30 @@ def test_file_mode_left_pads_a_batch_and_answers_each_record(copy_model_dir, sp,
         want.append(([[0] * (width - len(p)) + p for p in chunk], [[0] * (width - len(p)) + [1] * len(p) for p in chunk]))
     assert [(c["input_ids"], c["attention_mask"]) for c in spy] == want
     assert any(0 in row for ids, _ in want for row in ids)  # some row really is padded
+
+
+def test_plain_transformers_with_the_folders_chat_template_answers_as_inference_py(copy_model_dir, expected, tmp_path):
+    """A user's own script: AutoTokenizer, the folder's chat template, generate. The folder has the
+    files the trainer and the exporters write (exact tokenizer.json, chat template, generation_config)."""
+    import inference
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src, out = tmp_path / "q.jsonl", tmp_path / "a.jsonl"
+    src.write_text("".join(json.dumps({"instruction": i, "input": c}) + "\n" for i, c in COPY_QUESTIONS))
+    assert inference.main(["--model_path", str(copy_model_dir), "--input_file", str(src), "--output_file", str(out),
+                           "--greedy", "--max_new_tokens", str(NEW)]) == 0
+    theirs = [json.loads(line)["generated"] for line in out.read_text().splitlines()]
+
+    tok = AutoTokenizer.from_pretrained(str(copy_model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(copy_model_dir))
+    plain = []
+    for instruction, context in COPY_QUESTIONS:
+        content = f"{instruction} ### Input: {context}" if context else instruction
+        ids = tok.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                      return_tensors="pt", return_dict=True)["input_ids"]
+        new = model.generate(input_ids=ids, do_sample=False, max_new_tokens=NEW)[0, ids.shape[1]:]
+        plain.append(tok.decode(new, skip_special_tokens=True).strip())
+    assert plain == theirs == [expected[q] for q in COPY_QUESTIONS]
 
 
 def test_interactive_mode_streams_answers_and_takes_an_input(copy_model_dir, sp, expected, spy, capsys, monkeypatch):

@@ -6,65 +6,42 @@ Each is put in a folder shaped like OpenLLaMA's (``tokenizer.model`` + ``tokeniz
 and loaded as the trainer and ``inference.py`` load it.
 """
 
-import io
 import json
-import random
+import shutil
 
 import pytest
 import sentencepiece as spm
 
+from bench.tokenizer_exactness import PROBES, differing, train_sp_model
+from model.hf_tokenizer import write_hf_tokenizer
 from model.llama import save_model_metadata
 from model.tokenizer import load_tokenizer
-from openalpaca.prompts import build_prompt
-
-WORDS = "what is an alpaca how different from a llama write the capital of tanzania summarise text 42 seed".split()
-TRICKY = [
-    "", " ", "  ", "\n", "\n\n", "\t", "a  b", "a   b  c", " leading", "trailing ", "  both  ", "tab\there",
-    "new\nline", "crlf\r\nline", "line\n\n\nbreaks", " \n ", "x\u00a0y", "ﬁve ﬂags", "Ｆｕｌｌｗｉｄｔｈ", "café naïve",
-    "日本語のテキスト", "emoji 🦙 alpaca", "1234567890", "3.14159 and 2,718", "x=1; y=2", "def f(x):\n    return x",
-    "    indented code", "ALL CAPS", "MiXeD CaSe", "snake_case_name", "a-b-c", "(parens) [brackets] {braces}",
-    "quotes \"double\" 'single'", "back\\slash", "<s> looks special </s>", "<unk>", "###", "### Response:",
-    "end with newline\n", "\nstart with newline", "zero\u200bwidth", "accents: àéîõü", "ellipsis…", "dash — dash",
-    "a\tb\tc", "multiple   \t  mixed", "URL https://example.com/a?b=c", "email a@b.c", "ümlaut Ärger",
-    "what is an alpaca? how is it different from a llama?",
-]
+from openalpaca.prompts import encode_sample, prompt_ids
+from tests.conftest import REPO, run
+from tests.exact_tokenizer import QUESTIONS, assert_exact_tokenizer, chat_ids, prompt_text, user_message
 
 
-def templates() -> list[str]:
-    return [build_prompt("What is an alpaca?"), build_prompt("Summarise it.", "Some  text.\nMore."),
-            build_prompt("x", " "), build_prompt("", ""), build_prompt("  spaced  ", "\tin\t")]
-
-
-def train_folder(folder, v1_like: bool):
-    rng = random.Random(0)
-    corpus = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) for _ in range(400)] + TRICKY + templates()
-    proto = io.BytesIO()
-    settings = dict(normalization_rule_name="nmt_nfkc", remove_extra_whitespaces=True) if v1_like else dict(
-        normalization_rule_name="identity", remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
-        split_digits=True)
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(corpus), model_writer=proto, model_type="bpe", vocab_size=600, hard_vocab_limit=False,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, byte_fallback=True, character_coverage=0.9995, add_dummy_prefix=True,
-        num_threads=1, minloglevel=2, **settings)
-    folder.mkdir()
-    (folder / "tokenizer.model").write_bytes(proto.getvalue())
-    # OpenLLaMA's own tokenizer_config.json names the slow class and asks for a bos.
-    (folder / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-         "add_bos_token": True, "add_eos_token": False, "model_max_length": 2048}))
-    return folder
-
-
-@pytest.fixture(scope="module", params=["v1_like", "v2_like"])
+@pytest.fixture(scope="module", params=["v1", "v2", "demo"])
 def folder(request, tmp_path_factory):
-    return train_folder(tmp_path_factory.mktemp("tok") / request.param, v1_like=request.param == "v1_like")
+    """A folder shaped like a downloaded OpenLLaMA's tokenizer (``tokenizer.model`` and OpenLLaMA's
+    ``tokenizer_config.json``): v1-like (NFKC, spaces folded), v2-like (whitespace kept), the demo's
+    (``\\n`` a user-defined piece)."""
+    return train_sp_model(tmp_path_factory.mktemp("tok") / request.param, request.param)
+
+
+@pytest.fixture(scope="module")
+def exact(folder, tmp_path_factory):
+    """The same tokenizer with the exact files written beside it (original layout)."""
+    out = tmp_path_factory.mktemp("exact")
+    write_hf_tokenizer(folder, "original", out_dir=out)
+    return out
 
 
 def test_ids_are_sentencepieces_for_any_text(folder):
     sp = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
     tokenizer = load_tokenizer(folder)
-    texts = TRICKY + templates()
-    assert len(texts) >= 55
+    texts = PROBES
+    assert len(texts) >= 70
     for text in texts:
         assert tokenizer.encode(text, add_special_tokens=False) == sp.encode(text), repr(text)
         assert tokenizer.encode(text) == [1] + sp.encode(text), repr(text)  # the original's add_bos_token
@@ -76,7 +53,7 @@ def test_a_converted_tokenizer_would_not_do(folder):
 
     sp = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
     converted = AutoTokenizer.from_pretrained(str(folder))
-    differ = [t for t in TRICKY + templates() if converted.encode(t, add_special_tokens=False) != sp.encode(t)]
+    differ = differing(converted, sp, PROBES)
     assert differ, "the converted tokenizer matches on every probe: this test no longer shows the difference"
 
 
@@ -91,8 +68,9 @@ def test_tokenizer_saved_next_to_a_checkpoint_reloads_with_the_same_ids(folder, 
     tokenizer = load_tokenizer(folder)
     save_model_metadata(Model(), tokenizer, tmp_path, "original")
     assert (tmp_path / "tokenizer.model").read_bytes() == (folder / "tokenizer.model").read_bytes()
+    assert_exact_tokenizer(tmp_path, "original")  # what the trainer writes next to its checkpoints
     reloaded = load_tokenizer(tmp_path)
-    for text in TRICKY + templates():
+    for text in PROBES:
         assert reloaded.encode(text, add_special_tokens=False) == tokenizer.encode(text, add_special_tokens=False)
 
 
@@ -102,3 +80,111 @@ def test_decode_keeps_or_skips_the_special_pieces(folder):
     ids = sp.encode("what is an alpaca")
     assert tokenizer.decode([1, *ids, 2]) == "<s>" + sp.decode(ids) + "</s>"
     assert tokenizer.decode([1, *ids, 2], skip_special_tokens=True) == sp.decode(ids)
+
+
+# ---------------------------------------------------------------- the exact files (model/hf_tokenizer.py)
+
+
+@pytest.mark.parametrize("layout", ["original", "clean"])
+def test_exact_files_give_sentencepieces_ids_through_autotokenizer(folder, tmp_path, layout):
+    write_hf_tokenizer(folder, layout, out_dir=tmp_path)
+    assert_exact_tokenizer(tmp_path, layout)
+
+
+def test_chat_template_gives_the_training_prompt_of_both_layouts(exact, tmp_path):
+    """Both prompt templates, both layouts: ``apply_chat_template`` equals ``prompt_ids`` and the
+    ids written out here (the template built by hand, then ``[1, 1, P, 2, 1]`` / ``[1, P, 2, 1]``)."""
+    from transformers import AutoTokenizer
+
+    sp = spm.SentencePieceProcessor(model_file=str(exact / "tokenizer.model"))
+    for layout in ("original", "clean"):
+        write_hf_tokenizer(exact, layout, out_dir=tmp_path / layout)
+        tok = AutoTokenizer.from_pretrained(str(tmp_path / layout))
+        for instruction, input in QUESTIONS:
+            by_hand = ([1, 1] if layout == "original" else [1]) + sp.encode(prompt_text(instruction, input.strip()))
+            ids = chat_ids(tok, [user_message(instruction, input)])
+            assert ids == by_hand + [2, 1]
+            assert ids == prompt_ids(load_tokenizer(exact), instruction, input.strip(), layout)
+            assert chat_ids(tok, [user_message(instruction, input)], add_generation_prompt=False) == by_hand
+
+
+def test_multi_turn_history_is_rendered_as_completed_training_samples(exact, tmp_path):
+    from transformers import AutoTokenizer
+
+    sp = spm.SentencePieceProcessor(model_file=str(exact / "tokenizer.model"))
+    turns = [("Name a colour.", "", "red"), ("Summarise it.", "a  long text", "short  text"), ("And now?", "", None)]
+    messages = []
+    for instruction, input, answer in turns:
+        messages.append(user_message(instruction, input))
+        if answer is not None:
+            messages.append({"role": "assistant", "content": answer})
+    for layout in ("original", "clean"):
+        write_hf_tokenizer(exact, layout, out_dir=tmp_path / layout)
+        tok = AutoTokenizer.from_pretrained(str(tmp_path / layout))
+        bos = [1, 1] if layout == "original" else [1]
+        expected = []
+        for instruction, input, answer in turns[:2]:  # [1,1,P,2,1,1,O,2] / [1,P,2,1,O,2]
+            expected += [*bos, *sp.encode(prompt_text(instruction, input)), 2, *bos, *sp.encode(answer), 2]
+        completed = sum((encode_sample(load_tokenizer(exact), i, x, a, 10_000, _fmt(layout)).input_ids
+                         for i, x, a in turns[:2]), [])
+        assert expected == completed  # a completed turn is the training sample
+        expected += [*bos, *sp.encode(prompt_text(*turns[2][:2])), 2, 1]
+        assert chat_ids(tok, messages) == expected
+
+
+def _fmt(layout):
+    from openalpaca.prompts import SampleFormat
+
+    return SampleFormat(layout=layout, truncation="keep_end")
+
+
+@pytest.mark.parametrize("messages, message", [
+    ([], "must not be empty|empty conversation"),  # transformers checks this one itself (ValueError)
+    ([{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}], "only user and assistant"),
+    ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], "must alternate"),
+    ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "last message must be a user"),
+])
+def test_chat_template_refuses_what_the_recipe_cannot_render(exact, messages, message):
+    from jinja2 import TemplateError
+    from transformers import AutoTokenizer
+
+    with pytest.raises((TemplateError, ValueError), match=message):
+        chat_ids(AutoTokenizer.from_pretrained(str(exact)), messages)
+
+
+def test_content_parts_render_as_plain_text(exact):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(exact))
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Summarise it. ### Input: "},
+                                          {"type": "text", "text": "Some text."}]}]
+    assert chat_ids(tok, parts) == chat_ids(tok, [user_message("Summarise it.", "Some text.")])
+
+
+def test_the_seed_snippets_llama_tokenizer_class_ignores_the_exact_files(exact):
+    """Why the README says AutoTokenizer: transformers 5's LlamaTokenizer rebuilds a pipeline of its own."""
+    from transformers import LlamaTokenizer
+
+    sp = spm.SentencePieceProcessor(model_file=str(exact / "tokenizer.model"))
+    assert differing(LlamaTokenizer.from_pretrained(str(exact)), sp, PROBES)
+
+
+def test_exact_tokenizer_sh_adds_the_files_to_a_downloaded_base_folder(tmp_path):
+    base = train_sp_model(tmp_path / "openllama_ckpt", "v1")
+    (base / "config.json").write_text(json.dumps({"max_position_embeddings": 2048}))
+    done = run(["bash", "scripts/exact_tokenizer.sh", str(base), "--layout", "clean"])
+    assert done.returncode == 0, done.stderr
+    assert_exact_tokenizer(base, "clean")
+    beside = tmp_path / "tokenizer_only"
+    done = run(["bash", "scripts/exact_tokenizer.sh", str(base), "--out_dir", str(beside)])
+    assert done.returncode == 0, done.stderr
+    assert_exact_tokenizer(beside, "original")
+    assert not list(beside.glob(".*.tmp")) and not list(base.glob(".*.tmp"))
+
+
+def test_exact_tokenizer_sh_names_a_folder_without_tokenizer_model(tmp_path):
+    (tmp_path / "empty").mkdir()
+    done = run(["bash", "scripts/exact_tokenizer.sh", str(tmp_path / "empty")])
+    assert done.returncode == 1 and done.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'empty'}: no tokenizer.model to build the tokenizer from"]
+    assert list((tmp_path / "empty").iterdir()) == []

@@ -9,6 +9,7 @@ import yaml
 
 from openalpaca.config import parse_zero_overrides
 from tests.conftest import REPO, run
+from tests.exact_tokenizer import assert_exact_tokenizer
 
 pytestmark = pytest.mark.slow  # launcher runs and child processes
 
@@ -28,7 +29,14 @@ def assert_checkpoint(save, steps: int) -> dict:
                  "train_config.yaml", "ds_config.json", "zero_to_fp32.py"]:
         assert (save / name).is_file(), name
     assert (save / "zero_to_fp32.py").read_text() == (REPO / "scripts" / "zero_to_fp32.py").read_text()
-    return yaml.safe_load((save / "train_config.yaml").read_text())
+    resolved = yaml.safe_load((save / "train_config.yaml").read_text())
+    assert_exact_tokenizer(save, resolved["layout"])
+    generation = json.loads((save / "generation_config.json").read_text())
+    assert {k: generation.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id", "do_sample", "top_k",
+                                           "top_p", "max_new_tokens")} == {
+        "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "do_sample": True, "top_k": 50, "top_p": 0.9,
+        "max_new_tokens": 128}  # the original's sampling
+    return resolved
 
 
 def test_one_rank_zero3_loss_goes_down_with_eval_logs_and_plot(tiny_model_dir, alpaca_file, tmp_path, monkeypatch):
