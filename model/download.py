@@ -2,13 +2,16 @@
 
     python -m model.download openlm-research/open_llama_7b ./openllama_ckpt
 
-Needs internet; says so in one line when the hub cannot be reached.
+Needs internet; says so in one line when the hub cannot be reached. The folder then gets the
+exact ``tokenizer.json`` and the chat template (``model.hf_tokenizer``, original layout), so
+``AutoTokenizer`` and the tools built on it give sentencepiece's ids for the base model too.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 # The seed's preview weights live in a sub-folder of their hub repos.
 PREVIEW_SUBFOLDERS = {
@@ -35,6 +38,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     where = f"{path}/{subfolder}" if subfolder else path
     print(f"downloaded {args.model_id} to {where}" + (f"; move its files up into {args.out_dir}" if subfolder else ""))
+    from model.hf_tokenizer import write_hf_tokenizer
+    from model.tokenizer import SP_MODEL
+
+    if (Path(where) / SP_MODEL).is_file():
+        written = write_hf_tokenizer(where, "original")
+        print(f"wrote {', '.join(written)} (exact tokenizer, chat template; scripts/exact_tokenizer.sh --layout clean "
+              "for the fast recipe's)")
     return 0
 
 
