@@ -1,6 +1,6 @@
 """Which loaders give sentencepiece's ids: a table of loader x tokenizer model, texts that differ.
 
-    python bench/tokenizer_exactness.py
+    python bench/tokenizer_exactness.py [--fuzz 3000]
 
 Three ``tokenizer.model`` files are trained on the fly (no download): ``v1`` like OpenLLaMA v1
 (``nmt_nfkc``, runs of spaces folded, dummy prefix, byte fallback), ``v2`` like OpenLLaMA v2
@@ -9,6 +9,8 @@ demo's (identity, ``\\n`` a user-defined piece). Each sits in a folder shaped li
 OpenLLaMA (``tokenizer.model`` and a ``tokenizer_config.json`` naming ``LlamaTokenizer``), then
 the same folder after ``scripts/exact_tokenizer.sh``. For every loader the count is of ``PROBES``
 whose ``encode(text, add_special_tokens=False)`` differs from ``SentencePieceProcessor.encode``.
+``--fuzz N`` adds N random strings (spaces, newlines, tabs, ideographic space, full-width letters,
+ligatures, zero-width and combining characters, emoji, pieces of ``<s>``) to the probes.
 Prints a markdown table and one JSON line. The tests use the same probes and models.
 """
 
@@ -95,7 +97,17 @@ def differing(tokenizer, sp: spm.SentencePieceProcessor, texts: list[str], split
     return [t for t in texts if tokenizer(t, add_special_tokens=False, **kwargs)["input_ids"] != sp.encode(t)]
 
 
-def measure(root: Path) -> dict[str, dict[str, int]]:
+FUZZ_ALPHABET = list("abc xyz  \n\t\r") + ["the", "alpaca", "llama", " ", "  ", "\u3000", "ＡＢ", "ﬁ", "\u200b", "é",
+                                               "e\u0301", "日本", "🦙", "½", "\u00a0", "\ufeff", "<", ">", "s", "/",
+                                               "###", ":"]
+
+
+def fuzz(n: int, seed: int = 1) -> list[str]:
+    rng = random.Random(seed)
+    return ["".join(rng.choice(FUZZ_ALPHABET) for _ in range(rng.randint(0, 20))) for _ in range(n)]
+
+
+def measure(root: Path, probes: list[str] = PROBES) -> dict[str, dict[str, int]]:
     from transformers import AutoTokenizer, LlamaTokenizer
 
     from model.hf_tokenizer import write_hf_tokenizer
@@ -104,29 +116,34 @@ def measure(root: Path) -> dict[str, dict[str, int]]:
     for kind in KINDS:
         folder = train_sp_model(root / kind, kind)
         sp = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
-        row = {"AutoTokenizer, tokenizer.model only": len(differing(AutoTokenizer.from_pretrained(str(folder)), sp, PROBES)),
-               "LlamaTokenizer, tokenizer.model only": len(differing(LlamaTokenizer.from_pretrained(str(folder)), sp, PROBES))}
+        row = {"AutoTokenizer, tokenizer.model only": len(differing(AutoTokenizer.from_pretrained(str(folder)), sp, probes)),
+               "LlamaTokenizer, tokenizer.model only": len(differing(LlamaTokenizer.from_pretrained(str(folder)), sp, probes))}
         write_hf_tokenizer(folder, "original")
         exact = AutoTokenizer.from_pretrained(str(folder))
-        row["AutoTokenizer, exact files"] = len(differing(exact, sp, PROBES))
-        row["AutoTokenizer, exact files, split_special_tokens=True"] = len(differing(exact, sp, PROBES, True))
-        row["LlamaTokenizer, exact files"] = len(differing(LlamaTokenizer.from_pretrained(str(folder)), sp, PROBES))
+        row["AutoTokenizer, exact files"] = len(differing(exact, sp, probes))
+        row["AutoTokenizer, exact files, split_special_tokens=True"] = len(differing(exact, sp, probes, True))
+        row["LlamaTokenizer, exact files"] = len(differing(LlamaTokenizer.from_pretrained(str(folder)), sp, probes))
         table[kind] = row
     return table
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--fuzz", type=int, default=0, help="random strings added to the probes")
+    probes = PROBES + fuzz(parser.parse_args(argv).fuzz)
     with tempfile.TemporaryDirectory() as tmp:
-        table = measure(Path(tmp))
+        table = measure(Path(tmp), probes)
     loaders = list(next(iter(table.values())))
-    literal = sum(has_special_string(t) for t in PROBES)
-    print(f"texts whose ids differ from SentencePieceProcessor.encode, of {len(PROBES)} "
+    literal = sum(has_special_string(t) for t in probes)
+    print(f"texts whose ids differ from SentencePieceProcessor.encode, of {len(probes)} "
           f"({literal} hold a literal special-token string)\n")
     print("| loader | " + " | ".join(f"{k}-like" for k in KINDS) + " |")
     print("|--|" + "--|" * len(KINDS))
     for loader in loaders:
         print(f"| {loader} | " + " | ".join(str(table[k][loader]) for k in KINDS) + " |")
-    print(json.dumps({"probes": len(PROBES), "literal_special": literal, "differing": table}))
+    print(json.dumps({"probes": len(probes), "literal_special": literal, "differing": table}))
     return 0
 
 
