@@ -25,12 +25,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from model.llama import TORCH_DTYPES, ModelPathError, check_model_folder, load_model, load_tokenizer
 from model.export import trained_layout
+from model.llama import TORCH_DTYPES, ModelPathError, check_model_folder, load_model, load_tokenizer
 from openalpaca.generate import Sampling, generate
 from openalpaca.prompts import LAYOUTS
 from openalpaca.records import DataError, atomic_write, check_output, read_records
-
 
 INPUT_MARK = "### Input:"  # interactive mode: ``INSTRUCTION ### Input: CONTEXT`` on one line
 
@@ -136,7 +135,7 @@ def answer_file(model, tokenizer, sampling: Sampling, records: list[dict], args:
         answers = generate(model, tokenizer, [(r["instruction"], r["input"]) for r in records], sampling,
                            batch_size=args.batch_size, progress=bar.update, layout=args.layout)
     with atomic_write(out) as f:
-        for record, answer in zip(records, answers):
+        for record, answer in zip(records, answers, strict=True):
             f.write(json.dumps({**record, "generated": answer}, ensure_ascii=False) + "\n")
     print(f"wrote {len(records)} answers to {out}")
 

@@ -34,11 +34,11 @@ def read_dolly(path: str | os.PathLike) -> list[dict]:
 
 def load_hf_dolly() -> list[dict]:
     """Download databricks-dolly-15k from the Hugging Face hub and validate it."""
-    try:
-        from datasets import load_dataset
+    from datasets import load_dataset
 
+    try:
         rows = load_dataset(HF_DATASET, split="train").to_list()
-    except Exception as exc:  # network, auth and cache failures raise many unrelated types
+    except (OSError, ValueError) as exc:  # offline, not found, gated, HTTP errors (OSError); bad input (ValueError)
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DataError(
             f"could not load {HF_DATASET} from the Hugging Face hub ({reason}); "

@@ -47,8 +47,8 @@ STATE_NAME = "trainer_state_rank{rank}.pt"  # per-rank RNG state inside a checkp
 ADAPTER_DIR = "adapter"  # the LoRA adapter, peft format, next to the checkpoint
 TRAINER_STATE = "trainer_state.json"  # step, data position and config of a checkpoint, readable without DeepSpeed
 SUMMARY_NAME = "summary.json"  # in logs/: the run's figures, machine-readable
-TMP_PREFIX = "tmp-"
-UNIVERSAL = "universal"  # inside a tag: its DeepSpeed universal checkpoint, for a resume on another world size  # a tag is written under this prefix and renamed once every rank is done
+TMP_PREFIX = "tmp-"  # a tag is written under this prefix and renamed once every rank is done
+UNIVERSAL = "universal"  # inside a tag: its DeepSpeed universal checkpoint, for a resume on another world size
 
 # gloo's collectives through torch.distributed warn on every call under DeepSpeed.
 warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
@@ -309,7 +309,8 @@ def checkpoint_to_resume(cfg: TrainConfig, num_samples: int) -> ResumePoint | No
     tag = latest.read_text().strip()
     state = json.loads((Path(cfg.save_path) / tag / TRAINER_STATE).read_text())
     saved = state["config"]
-    changed = [f"{k} {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in DATA_ORDER_KEYS if saved.get(k) != getattr(cfg, k)]
+    changed = [f"{k} {saved.get(k)!r} -> {getattr(cfg, k)!r}"
+               for k in DATA_ORDER_KEYS if saved.get(k) != getattr(cfg, k)]
     if state["num_samples"] != num_samples:
         changed.append(f"num_samples {state['num_samples']} -> {num_samples}")
     if changed:
@@ -326,7 +327,7 @@ def to_universal(tag_dir: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
                "--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1"]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
         if proc.returncode != 0:
             raise TrainingError(f"converting {tag_dir} to DeepSpeed's universal format failed: "
                                 f"{(proc.stderr.strip().splitlines() or ['no output'])[-1]}")

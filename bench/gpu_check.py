@@ -56,7 +56,7 @@ class CheckFailed(RuntimeError):
 
 
 def sh(step: str, cmd: list[str], env: dict[str, str] | None = None) -> str:
-    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, **(env or {})}, capture_output=True, text=True)
+    proc = subprocess.run(cmd, check=False, cwd=REPO, env={**os.environ, **(env or {})}, capture_output=True, text=True)
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or proc.stdout.strip().splitlines() or ["no output"])[-1]
         raise CheckFailed(f"{step}: exit {proc.returncode}: {tail}")
@@ -65,8 +65,9 @@ def sh(step: str, cmd: list[str], env: dict[str, str] | None = None) -> str:
 
 def build(work: Path, tiny: bool, n_records: int) -> tuple[Path, Path, int]:
     """The base model folder and the data file; returns them and the model's parameter count."""
-    from demo.tiny import llama_config, tokenizer_vocab_size, train_tokenizer, write_tiny_llama
     from throughput import dolly_like_records
+
+    from demo.tiny import llama_config, tokenizer_vocab_size, train_tokenizer, write_tiny_llama
 
     records = dolly_like_records(n_records, 0)
     data = work / "data.json"
@@ -92,7 +93,8 @@ def model_flops(base: Path, data: Path, summary: dict) -> float:
     config = LlamaConfig.from_pretrained(base)
     h, layers, inter, vocab = config.hidden_size, config.num_hidden_layers, config.intermediate_size, config.vocab_size
     n_body = layers * (4 * h * h + 3 * h * inter + 2 * h)
-    dataset = SFTDataset.from_records(read_alpaca(data), load_tokenizer(base), 1024, SampleFormat("clean", "keep_prompt"))
+    fmt = SampleFormat("clean", "keep_prompt")
+    dataset = SFTDataset.from_records(read_alpaca(data), load_tokenizer(base), 1024, fmt)
     attention = sum(6 * layers * h * len(s.input_ids) ** 2 for s in dataset.samples)
     return 6 * n_body * summary["tokens_processed"] + attention + 6 * h * vocab * summary["supervised_tokens"]
 

@@ -33,13 +33,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from throughput import dolly_like_records  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from throughput import dolly_like_records
+from transformers import LlamaConfig, LlamaForCausalLM
 
-from openalpaca.loss import sft_ce_sum  # noqa: E402
-from model.attention import attention_implementation, segment_attention, torch_varlen_attn, varlen_attention  # noqa: E402
-from openalpaca.packing import collate_packed, model_inputs  # noqa: E402
-from openalpaca.prompts import BOS_ID, EOS_ID, IGNORE_INDEX, EncodedSample  # noqa: E402
+from model.attention import attention_implementation, segment_attention, torch_varlen_attn, varlen_attention
+from openalpaca.loss import sft_ce_sum
+from openalpaca.packing import collate_packed, model_inputs
+from openalpaca.prompts import BOS_ID, EOS_ID, IGNORE_INDEX, EncodedSample
 
 TOKENS_PER_WORD = 1.3  # LLaMA's sentencepiece on English prose, roughly
 TEMPLATE_TOKENS = 20  # "### Input:\n ... ### Instruction:\n ... ### Response:" and the special ids
@@ -50,10 +50,10 @@ def random_samples(n: int, vocab: int, max_length: int, seed: int) -> list[Encod
     rng = random.Random(seed)
     samples = []
     for record in dolly_like_records(n, seed):
-        words = lambda key: len(record[key].split()) if record[key] else 0  # noqa: E731
-        prompt = TEMPLATE_TOKENS + math.ceil(TOKENS_PER_WORD * (words("instruction") + words("input")))
+        words = {key: len(text.split()) for key, text in record.items()}
+        prompt = TEMPLATE_TOKENS + math.ceil(TOKENS_PER_WORD * (words["instruction"] + words["input"]))
         prompt = min(prompt, max_length - 2)
-        response = min(math.ceil(TOKENS_PER_WORD * words("output")) + 1, max_length - prompt)
+        response = min(math.ceil(TOKENS_PER_WORD * words["output"]) + 1, max_length - prompt)
         ids = [BOS_ID] + [rng.randrange(3, vocab) for _ in range(prompt + response - 2)] + [EOS_ID]
         samples.append(EncodedSample(ids, [IGNORE_INDEX] * prompt + ids[prompt:], False))
     return samples
@@ -98,7 +98,7 @@ def check_attention(device: torch.device) -> None:
 
     varlen = out_and_grads(lambda q, k, v: varlen_attention(kernel, q, k, v, cu))
     segments = out_and_grads(lambda q, k, v: segment_attention(q, k, v, cu.tolist()))
-    diffs = [float((a - b).abs().max()) for a, b in zip(varlen, segments)]
+    diffs = [float((a - b).abs().max()) for a, b in zip(varlen, segments, strict=True)]
     print(f"attention check (bf16, samples of {lengths} tokens): varlen vs per-sample SDPA, max |diff| "
           f"out {diffs[0]:.2e}, grad q/k/v {diffs[1]:.2e}/{diffs[2]:.2e}/{diffs[3]:.2e}")
 

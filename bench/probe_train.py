@@ -18,10 +18,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
+import torch
+import torch.distributed as dist
 
-import train_sft  # noqa: E402
+import train_sft
 
 # A fixed probe: bos, ordinary ids, an eos and a bos in the middle (ids < 64 exist in any tiny vocab).
 PROBE = torch.tensor([[1, 40, 17, 33, 9, 21, 2, 1, 28, 12, 45, 6]])

@@ -46,8 +46,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from openalpaca.data import PAD_SLOT, step_slots, total_steps  # noqa: E402
-from openalpaca.packing import pack_step  # noqa: E402
+from openalpaca.data import PAD_SLOT, step_slots, total_steps
+from openalpaca.packing import pack_step
 
 LAYERS, HIDDEN, MLP, VOCAB = 32, 4096, 11008, 32000
 PARAMS = LAYERS * (4 * HIDDEN * HIDDEN + 3 * HIDDEN * MLP + 2 * HIDDEN) + 2 * VOCAB * HIDDEN + HIDDEN

@@ -25,10 +25,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import sentencepiece as spm  # noqa: E402
+import sentencepiece as spm
 
-from demo.tiny import TOKENIZER_CONFIG, train_tokenizer  # noqa: E402
-from openalpaca.prompts import build_prompt  # noqa: E402
+from demo.tiny import TOKENIZER_CONFIG, train_tokenizer
+from openalpaca.prompts import build_prompt
 
 KINDS = ("v1", "v2", "demo")
 WORDS = "what is an alpaca how different from a llama write the capital of tanzania summarise text 42 seed".split()
@@ -46,7 +46,8 @@ TRICKY = [
 # and other format characters, compatibility digits and letters, combining sequences.
 NFKC = [
     "ＡＢＣ ｆｕｌｌ ｗｉｄｔｈ １２３", "ﬁ ﬂ ﬃ ﬄ ligatures", "a\u3000b", "\u3000ideographic lead", "trail\u3000",
-    "zero\u200bwidth\u200cnon\u200djoiner", "\ufeffbyte order mark", "soft\u00adhyphen", "①②③ circled", "ｶﾀｶﾅ half-width",
+    "zero\u200bwidth\u200cnon\u200djoiner", "\ufeffbyte order mark", "soft\u00adhyphen", "①②③ circled",
+    "ｶﾀｶﾅ half-width",
     "e\u0301 combining acute", "Å angstrom", "½ ⅓ fractions", "™ ℃ № letterlike", "x\u2028line separator",
     "ｈｅｌｌｏ\u3000ｗｏｒｌｄ", "ℌ𝔢𝔩𝔩𝔬 math letters", "\u2002en\u2003em\u2009thin spaces",
 ]
@@ -116,8 +117,9 @@ def measure(root: Path, probes: list[str] = PROBES) -> dict[str, dict[str, int]]
     for kind in KINDS:
         folder = train_sp_model(root / kind, kind)
         sp = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
-        row = {"AutoTokenizer, tokenizer.model only": len(differing(AutoTokenizer.from_pretrained(str(folder)), sp, probes)),
-               "LlamaTokenizer, tokenizer.model only": len(differing(LlamaTokenizer.from_pretrained(str(folder)), sp, probes))}
+        bare = {"AutoTokenizer": AutoTokenizer.from_pretrained(str(folder)),
+                "LlamaTokenizer": LlamaTokenizer.from_pretrained(str(folder))}
+        row = {f"{name}, tokenizer.model only": len(differing(tok, sp, probes)) for name, tok in bare.items()}
         write_hf_tokenizer(folder, "original")
         exact = AutoTokenizer.from_pretrained(str(folder))
         row["AutoTokenizer, exact files"] = len(differing(exact, sp, probes))

@@ -15,14 +15,14 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
-from model.llama import load_model, load_tokenizer
-from demo.tiny import llama_config, tokenizer_vocab_size, train_tokenizer, write_tiny_llama
 from demo import synthetic
 from demo.evaluate import greedy_predictions
+from demo.tiny import llama_config, tokenizer_vocab_size, train_tokenizer, write_tiny_llama
 from model.export import trained_layout
+from model.llama import load_model, load_tokenizer
 
 
 def make_base(out_dir: Path, hidden_size: int, num_layers: int, num_heads: int, vocab_size: int, seed: int) -> None:
@@ -47,7 +47,7 @@ def evaluate(base: Path, trained: Path, heldout: Path, batch_size: int, max_new_
     before, _ = synthetic.score(records, predict(base, records, batch_size, max_new_tokens, layout))
     predictions = predict(trained, records, batch_size, max_new_tokens, layout)
     after, per_task = synthetic.score(records, predictions)
-    for record, prediction in list(zip(records, predictions))[:show]:
+    for record, prediction in list(zip(records, predictions, strict=True))[:show]:
         context = f" [{record['context']}]" if record["context"] else ""
         mark = "ok " if synthetic.exact_match(prediction, record["response"]) else "BAD"
         print(f"{mark} {record['instruction']}{context} -> {prediction!r} (expected {record['response']!r})")

@@ -6,7 +6,7 @@ prefix, batches are left-padded and masked, and each answer stops at EOS.
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 

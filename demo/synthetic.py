@@ -27,8 +27,8 @@ import json
 import random
 import re
 from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Sequence
 
 from openalpaca.config import split_pairs
 from openalpaca.prompts import build_prompt
@@ -223,7 +223,7 @@ def _gen_field(rng: random.Random) -> tuple[dict[str, object], str, str]:
     keys = rng.sample(KEYS, rng.randint(lo, hi))
     values = [rng.choice(FIELD_VALUES[k]) for k in keys]
     key = rng.choice(keys)
-    return {"key": key}, field_context(zip(keys, values)), values[keys.index(key)]
+    return {"key": key}, field_context(zip(keys, values, strict=True)), values[keys.index(key)]
 
 
 def _gen_repeat(rng: random.Random) -> tuple[dict[str, object], str, str]:
@@ -444,7 +444,7 @@ def score(records: Sequence[Mapping[str, str]], predictions: Sequence[str]) -> t
         raise ValueError("nothing to score")
     hits: Counter[str] = Counter()
     totals: Counter[str] = Counter()
-    for record, prediction in zip(records, predictions):
+    for record, prediction in zip(records, predictions, strict=True):
         totals[record["category"]] += 1
         hits[record["category"]] += exact_match(prediction, record["response"])
     per_task = {task: hits[task] / totals[task] for task in totals}

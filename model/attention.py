@@ -15,6 +15,7 @@ import contextlib
 import functools
 import importlib.util
 import inspect
+from itertools import pairwise
 from typing import Any
 
 import torch
@@ -73,15 +74,15 @@ def segment_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
 
     # split, not slices: a slice's backward writes its gradient into a zeroed copy of the
     # whole row, once per sample (O(samples x tokens) memory traffic); split's is one cat.
-    lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
-    segments = zip(*(flat(t).split(lengths, dim=2) for t in (query, key, value)))
+    lengths = [b - a for a, b in pairwise(bounds)]
+    segments = zip(*(flat(t).split(lengths, dim=2) for t in (query, key, value)), strict=True)
     keys = key_mask.reshape(-1).bool().split(lengths) if key_mask is not None else [None] * len(lengths)
     with _segment_kernels(query):
         out = torch.cat(
             [F.scaled_dot_product_attention(q, k, v, attn_mask=_segment_mask(visible, q.shape[2]), dropout_p=dropout,
                                             is_causal=visible is None, scale=scaling,
                                             enable_gqa=heads != key.shape[1])
-             for (q, k, v), visible in zip(segments, keys)],
+             for (q, k, v), visible in zip(segments, keys, strict=True)],
             dim=2,
         )
     return out.reshape(heads, batch, q_len, dim).permute(1, 2, 0, 3).contiguous()

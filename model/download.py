@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         path = snapshot_download(args.model_id, local_dir=args.out_dir,
                                  allow_patterns=[f"{subfolder}/*"] if subfolder else None)
-    except Exception as err:  # the hub's errors vary (offline, 404, gated, auth); all mean "not fetched"
+    except (OSError, ValueError) as err:  # offline, missing, gated, HTTP errors (OSError); bad id (ValueError)
         print(f"error: could not download {args.model_id} into {args.out_dir}: {type(err).__name__}: "
               f"{str(err).splitlines()[0] if str(err) else ''} (no internet? see openllama_ckpt/README.md)",
               file=sys.stderr)

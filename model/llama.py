@@ -15,7 +15,8 @@ from model.dtypes import TORCH_DTYPES
 from model.hf_tokenizer import write_hf_tokenizer
 from model.tokenizer import BOS_ID, EOS_ID, PAD_ID, SP_MODEL, ModelPathError, load_tokenizer
 
-__all__ = ["TORCH_DTYPES", "ModelPathError", "load_tokenizer", "check_model_folder", "load_model", "save_model_metadata"]
+__all__ = ["TORCH_DTYPES", "ModelPathError", "load_tokenizer", "check_model_folder", "load_model",
+           "save_model_metadata"]
 
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "model*.bin")
 

@@ -16,8 +16,9 @@ So a folder with a ``tokenizer.model`` is read by sentencepiece itself
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 BOS_ID = 1  # OpenLLaMA: <s>
 EOS_ID = 2  # OpenLLaMA: </s>
@@ -106,11 +107,11 @@ def copy_tokenizer_files(src: str | Path, dst: str | Path) -> list[str]:
 
 def hub_tokenizer_folder(repo_id: str) -> Path | None:
     """The cached folder holding ``tokenizer.model`` of a hub model, or None where it cannot be had."""
-    try:
-        from huggingface_hub import hf_hub_download
+    from huggingface_hub import hf_hub_download
 
+    try:
         return Path(hf_hub_download(repo_id, SP_MODEL)).parent
-    except Exception:  # not a hub id, no network, no such file: AutoTokenizer decides
+    except (OSError, ValueError):  # offline, no such file (OSError); not a hub id (ValueError)
         return None
 
 

@@ -50,7 +50,7 @@ class SFTDataset:
 
     @classmethod
     def from_records(cls, records: list[dict[str, str]], tokenizer: Tokenizer, max_length: int,
-                     fmt: SampleFormat = SampleFormat()) -> "SFTDataset":
+                     fmt: SampleFormat = SampleFormat()) -> SFTDataset:
         samples, ids, skipped = [], [], 0
         for i, rec in enumerate(records):
             sample = encode_sample(tokenizer, rec["instruction"], rec["input"], rec["output"], max_length, fmt)

@@ -10,8 +10,9 @@ with special tokens, ``<s>`` and ``</s>`` removed, stripped.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 

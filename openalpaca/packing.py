@@ -35,7 +35,9 @@ DeepSpeed where the step ends (``engine.set_gradient_accumulation_boundary``).
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from itertools import pairwise
+from typing import Any
 
 import torch
 
@@ -166,7 +168,7 @@ def collate_packed(samples: Sequence[EncodedSample], weighting: str = "token") -
         batch["attention_mask"] = torch.tensor([mask])
     if weighting == "sample":
         starts = cu.tolist()
-        batch["weights"] = target_weights(batch["labels"], [(0, a, b) for a, b in zip(starts[:-1], starts[1:])])
+        batch["weights"] = target_weights(batch["labels"], [(0, a, b) for a, b in pairwise(starts)])
     return batch
 
 

@@ -15,8 +15,9 @@ The second step of the seed README's route (after ``zero_to_fp32.py``), called b
   removed goes last, once every shard and the index are in place: the consolidated
   ``pytorch_model.bin`` (``from_pretrained`` prefers it over an index, so leaving it would make
   the shards dead weight), the DeepSpeed checkpoint folders (``global_step*``, about 16 bytes
-  per parameter: ~100 GB at 7B), ``latest`` and ``zero_to_fp32.py`` (and DeepSpeed's ``zero_to_torch.py``). Each removal is printed;
-  ``--keep_deepspeed`` keeps the DeepSpeed state (to resume, or export again later).
+  per parameter: ~100 GB at 7B), ``latest`` and ``zero_to_fp32.py`` (and DeepSpeed's
+  ``zero_to_torch.py``). Each removal is printed; ``--keep_deepspeed`` keeps the DeepSpeed state
+  (to resume, or export again later).
 * The default shard size is the original's, 5GB.
 """
 
@@ -35,8 +36,8 @@ import torch
 from huggingface_hub import save_torch_state_dict
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from model.export import MODEL_FILES, RUN_RECORD, add_exact_tokenizer  # noqa: E402
-from model.tokenizer import TOKENIZER_FILES  # noqa: E402
+from model.export import MODEL_FILES, RUN_RECORD, add_exact_tokenizer
+from model.tokenizer import TOKENIZER_FILES
 
 CONSOLIDATED = "pytorch_model.bin"
 INDEX = "pytorch_model.bin.index.json"

@@ -37,12 +37,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
 import deepspeed.utils.zero_to_fp32 as ds_zero_to_fp32
+import torch
 from deepspeed.utils.zero_to_fp32 import (  # the first two are re-exported for zero_to_torch.py
     OUTPUT_DTYPE_NAMES,
-    convert_zero_checkpoint_to_state_dict,
     convert_zero_checkpoint_to_fp32_state_dict,
+    convert_zero_checkpoint_to_state_dict,
     get_fp32_state_dict_from_zero_checkpoint,
     to_torch_tensor,
 )

@@ -12,7 +12,8 @@ import sentencepiece as spm
 
 from bench.tokenizer_exactness import PROBES, has_special_string
 
-QUESTIONS = [("What is an alpaca?", ""), ("Summarise it.", "Some  text.\nMore."), ("Ｆｕｌｌ　ｗｉｄｔｈ", "ﬁve  ﬂags ")]
+QUESTIONS = [("What is an alpaca?", ""), ("Summarise it.", "Some  text.\nMore."),
+             ("Ｆｕｌｌ　ｗｉｄｔｈ", "ﬁve  ﬂags ")]
 
 
 def prompt_text(instruction: str, input: str) -> str:

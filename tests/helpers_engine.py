@@ -200,7 +200,7 @@ def make_trained_checkpoints(
         cmd = [torchrun, "--standalone", "--nproc_per_node", str(nproc), *script_args]
         launcher_sets = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
         env = {k: v for k, v in single_process_env().items() if k not in launcher_sets}
-    done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    done = subprocess.run(cmd, check=False, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
     if done.returncode != 0:
         raise RuntimeError(f"engine child failed ({done.returncode}):\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}")
 
@@ -253,7 +253,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    for model_dir, save_path, logits, dtype in zip(args.model_dir, args.save_path, args.logits, args.dtype):
+    jobs = zip(args.model_dir, args.save_path, args.logits, args.dtype, strict=True)
+    for model_dir, save_path, logits, dtype in jobs:
         Path(save_path).mkdir(parents=True, exist_ok=True)
         train_and_save(
             model_dir,

@@ -3,6 +3,8 @@ loaded with it stays right on ordinary padded batches."""
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -66,7 +68,7 @@ def test_varlen_layout_matches_per_sample_attention():
         cuts = cu_q.tolist()
         return torch.cat([F.scaled_dot_product_attention(*(t[a:b].transpose(0, 1) for t in (q, k, v)), is_causal=True,
                                                          scale=scale).transpose(0, 1)
-                          for a, b in zip(cuts[:-1], cuts[1:])])
+                          for a, b in pairwise(cuts)])
 
     q, k, v = (torch.randn(2, 4, 10, 8) for _ in range(3))
     got = varlen_attention(kernel, q, k, v, torch.tensor(bounds))

@@ -131,7 +131,8 @@ def test_sigterm_to_the_job_saves_then_the_resume_equals_the_uninterrupted_run(t
     assert len(stopped) == 1, out[-2000:]
     step = int(stopped[0].split("after step ")[1].split(":")[0])
     assert 6 <= step < TOTAL
-    assert stopped[0].endswith(f"checkpoint {b}/global_step{step}; to continue, run the same command with --resume true")
+    assert stopped[0].endswith(
+        f"checkpoint {b}/global_step{step}; to continue, run the same command with --resume true")
     assert (b / "latest").read_text() == f"global_step{step}"
     assert not list(b.glob("tmp-*"))
 

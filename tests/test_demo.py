@@ -20,9 +20,11 @@ def test_reduced_demo_runs_every_stage(tmp_path):
     # 1-2: synthetic dolly data, then process_dataset.py's Alpaca file
     train, heldout = synthetic.read_jsonl(out / "data/train.jsonl"), synthetic.read_jsonl(out / "data/heldout.jsonl")
     assert (len(train), len(heldout)) == (64, 18)
-    assert {synthetic.split_of(r) for r in train} == {"train"} and {synthetic.split_of(r) for r in heldout} == {"heldout"}
+    assert {synthetic.split_of(r) for r in train} == {"train"}
+    assert {synthetic.split_of(r) for r in heldout} == {"heldout"}
     alpaca = json.loads((out / "data/openalpaca.json").read_text())
-    assert alpaca[0] == {"instruction": train[0]["instruction"], "input": train[0]["context"], "output": train[0]["response"]}
+    first = train[0]
+    assert alpaca[0] == {"instruction": first["instruction"], "input": first["context"], "output": first["response"]}
     assert any(line.startswith("read 64 records") for line in lines)
     # 3: the base model folder is shaped like openllama_ckpt/
     for name in ["config.json", "tokenizer.model", "tokenizer_config.json", "model.safetensors"]:

@@ -23,7 +23,6 @@ import re
 import shutil
 import subprocess
 import sys
-
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +34,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
 import helpers_engine  # noqa: E402  (sibling helper module, tests/ is not a package)
+
 from demo.tiny import llama_config, make_tiny_checkpoint, tokenizer_vocab_size, write_tiny_llama  # noqa: E402
 from model import export as export_mod  # noqa: E402
 
@@ -51,7 +51,7 @@ def run(cmd: list[str], cwd: Path, extra_env: dict[str, str] | None = None) -> s
     """Run a command as a user would (no PYTHONPATH into the repo), failing with its output."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", **(extra_env or {}))
-    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, check=False, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, f"{cmd} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     return done
 
@@ -80,7 +80,7 @@ def ckpts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]
     jobs = [(path, root / f"save_{name}", root / f"{name}_logits.pt") for name, path in bases.items()]
     helpers_engine.make_trained_checkpoints(jobs, steps=3, dtype=["fp32", "fp32", "bf16"])
     found = {}
-    for name, (model_dir, save, logits) in zip(bases, jobs):
+    for name, (model_dir, save, logits) in zip(bases, jobs, strict=True):
         ref = torch.load(logits)
         found[name] = {"base": model_dir, "save": save, "input_ids": ref["input_ids"], "logits": ref["logits"]}
     found["untied"]["init"] = {k: v.clone() for k, v in load(base).state_dict().items()}
@@ -180,10 +180,11 @@ def test_seed_command_then_make_shards(ckpt: dict[str, Any], tmp_path: Path) -> 
     assert not consolidated.exists(), "the consolidated file must go once the shards are written"
     weight_map = check_index(save, "pytorch_model.bin.index.json")
     shards = sorted(set(weight_map.values()))
-    # The original's make_shards.sh: what is left is the seed README's listing (plus our train_config.yaml);
-    # the DeepSpeed checkpoint, latest and zero_to_fp32.py are gone, each removal printed.
+    # The original's make_shards.sh: what is left is the seed README's listing (plus our train_config.yaml
+    # and the exact tokenizer.json); the DeepSpeed checkpoint, latest and zero_to_fp32.py are gone, each
+    # removal printed.
     listing = {"config.json", "generation_config.json", "pytorch_model.bin.index.json", "train_config.yaml",
-               *tokenizer_files, *shards}
+               "tokenizer.json", *tokenizer_files, *shards}
     assert {p.name for p in save.iterdir()} == listing
     for name in (*tags, "latest", "zero_to_fp32.py"):
         assert f"removed {save / name} (DeepSpeed state" in done.stdout

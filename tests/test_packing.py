@@ -10,6 +10,7 @@ import json
 import random
 import re
 import sys
+from itertools import pairwise
 
 import pytest
 import torch
@@ -36,7 +37,7 @@ def per_sample_ce(logits: torch.Tensor, labels: torch.Tensor, bounds: list[int])
     """Summed next-token CE of each packed sample (the loss as train_sft.py computes it, split up)."""
     ce = F.cross_entropy(logits[0, :-1], labels[0, 1:], ignore_index=IGNORE_INDEX, reduction="none")
     # ce[t] is the loss of predicting token t + 1; sample [a, b) owns targets a + 1 .. b - 1.
-    return torch.stack([ce[a : b - 1].sum() for a, b in zip(bounds[:-1], bounds[1:])])
+    return torch.stack([ce[a : b - 1].sum() for a, b in pairwise(bounds)])
 
 
 # ---------------------------------------------------------------------------- same result per sample
@@ -63,7 +64,7 @@ def test_packed_losses_and_gradients_equal_one_by_one(models, samples):
     torch.testing.assert_close(packed_losses.detach(), torch.stack(seed_losses), **TOL)
     assert packed_losses.sum().item() == pytest.approx(sum(seed_losses).item(), rel=1e-6)
     for name, p in seed_model.named_parameters():
-        torch.testing.assert_close(packed_grads[name], p.grad, **TOL, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(packed_grads[name], p.grad, **TOL, msg=lambda m, name=name: f"{name}: {m}")
     packed_model.zero_grad(set_to_none=True)
     seed_model.zero_grad(set_to_none=True)
 
@@ -94,7 +95,7 @@ def test_packed_step_equals_unpacked_under_both_recipes(models, tokenizer, fmt, 
 
     assert loss.item() == pytest.approx(want, rel=1e-5)
     for name, p in seed_model.named_parameters():
-        torch.testing.assert_close(packed_grads[name], p.grad, **TOL, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(packed_grads[name], p.grad, **TOL, msg=lambda m, name=name: f"{name}: {m}")
     packed_model.zero_grad(set_to_none=True)
     seed_model.zero_grad(set_to_none=True)
 
@@ -111,12 +112,12 @@ def test_boundary_labels_and_positions(samples):
     assert bounds == [0] + torch.tensor([len(s.input_ids) for s in (samples[0], odd, samples[2])]).cumsum(0).tolist()
     assert (positions == 0).nonzero().flatten().tolist() == bounds[:-1]
     assert (labels[bounds[:-1]] == IGNORE_INDEX).all()
-    for (a, b), s in zip(zip(bounds[:-1], bounds[1:]), (samples[0], odd, samples[2])):
+    for (a, b), s in zip(pairwise(bounds), (samples[0], odd, samples[2]), strict=True):
         assert positions[a:b].tolist() == list(range(b - a))
         assert labels[a + 1 : b].tolist() == s.labels[1:]
     assert int((labels != IGNORE_INDEX).sum()) == samples[0].num_supervised + samples[1].num_supervised + \
         samples[2].num_supervised
-    assert batch["max_length_q"] == max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
+    assert batch["max_length_q"] == max(b - a for a, b in pairwise(bounds))
 
 
 def test_pad_micro_batch_carries_no_loss():
@@ -192,7 +193,8 @@ def test_config_fields():
     from train_sft import make_batching
 
     assert make_batching(TrainConfig(pack=True, max_length=512), 1, 0).max_tokens == 512
-    assert make_batching(TrainConfig(pack=True, max_length=512, max_tokens_per_micro_batch=2048), 1, 0).max_tokens == 2048
+    packed = TrainConfig(pack=True, max_length=512, max_tokens_per_micro_batch=2048)
+    assert make_batching(packed, 1, 0).max_tokens == 2048
     assert not make_batching(TrainConfig(max_length=512), 1, 0).packed
     for kwargs, message in [
         ({"max_tokens_per_micro_batch": 2048}, "needs pack: true"),

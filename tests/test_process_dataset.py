@@ -61,7 +61,7 @@ def write_parquet(path: Path, records: list) -> Path:
 def run_script(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "process_dataset.py", *map(str, args)],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
+        cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
     )
 
 

@@ -35,7 +35,8 @@ def test_templates_match_the_seed_readme_character_for_character():
         build_prompt("Summarise it.", "Some text.")
         == "### Input:\nSome text.\n\n### Instruction:\nSummarise it.\n\n### Response:"
     )
-    assert build_prompt("Summarise it.", "  \n") == "### Input:\n  \n\n\n### Instruction:\nSummarise it.\n\n### Response:"
+    expected = "### Input:\n  \n\n\n### Instruction:\nSummarise it.\n\n### Response:"
+    assert build_prompt("Summarise it.", "  \n") == expected
 
 
 @pytest.mark.parametrize("record", RECORDS)
@@ -81,7 +82,8 @@ def test_keep_end_truncation_is_the_originals_last_max_length(tokenizer, sp):
 def test_keep_prompt_truncation_cuts_the_response_and_drops_what_has_no_room(tokenizer, sp):
     record = ("Repeat the words.", "kiwi lime", "kiwi lime kiwi lime kiwi")
     for fmt, n_prefix in [(CLEAN, len(sp.encode(seed_prompt(*record[:2]))) + 3),
-                          (SampleFormat("original", "keep_prompt", True), len(sp.encode(seed_prompt(*record[:2]))) + 2)]:
+                          (SampleFormat("original", "keep_prompt", True),
+                           len(sp.encode(seed_prompt(*record[:2]))) + 2)]:
         full = encode_sample(tokenizer, *record, max_length=1024, fmt=fmt)
         cut = encode_sample(tokenizer, *record, max_length=n_prefix + 2, fmt=fmt)
         assert cut.truncated and cut.input_ids == full.input_ids[: n_prefix + 2]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import sys
+from itertools import pairwise
 
 import pytest
 import sentencepiece as spm
@@ -92,7 +93,7 @@ def test_fast_recipe_trains_clean_packed_rows(tiny_model_dir, tmp_path):
         for batch in batches[rank]:
             bounds = batch["cu_seq_lens_q"].tolist()
             assert "attention_mask" not in batch and len(bounds) == len(batch["sample_ids"]) + 1
-            for (a, b), sample_id in zip(zip(bounds[:-1], bounds[1:]), batch["sample_ids"]):
+            for (a, b), sample_id in zip(pairwise(bounds), batch["sample_ids"], strict=True):
                 ids, labels = clean_sample(sp, **records[sample_id])
                 assert batch["input_ids"][0, a:b].tolist() == ids
                 assert batch["labels"][0, a:b].tolist() == labels

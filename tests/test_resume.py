@@ -1,8 +1,9 @@
 """Checkpoints and exact resume on 2 CPU ranks through the DeepSpeed launcher.
 
 Both runs go through tests/trace_train.py (train_sft.py with the sample ids of every step recorded,
-and a SIGKILL in the middle of writing a chosen checkpoint). Run A trains uninterrupted. Run B is SIGKILLed after a checkpoint, resumed, killed again in the
-middle of writing a checkpoint, and resumed again. A and B must end with the same weights and
+and a SIGKILL in the middle of writing a chosen checkpoint). Run A trains uninterrupted. Run B is
+SIGKILLed after a checkpoint, resumed, killed again in the middle of writing a checkpoint, and
+resumed again. A and B must end with the same weights and
 must have trained every optimizer step on the same samples.
 """
 

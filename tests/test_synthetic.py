@@ -11,8 +11,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from demo import synthetic  # noqa: E402
-from openalpaca.prompts import build_prompt, encode_text  # noqa: E402
+from demo import synthetic
+from openalpaca.prompts import build_prompt, encode_text
 
 DOLLY_FIELDS = {"instruction", "context", "response", "category"}
 LIST_TASKS = {"reverse", "sort", "count", "upper", "longest", "nth"}
@@ -297,8 +297,8 @@ def test_greedy_predictions_on_tiny_model(tokenizer, heldout: list[dict[str, str
     import torch
     from transformers import LlamaForCausalLM
 
-    from demo.tiny import llama_config
     from demo.evaluate import greedy_predictions
+    from demo.tiny import llama_config
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(llama_config(len(tokenizer), hidden_size=32, num_layers=2))

@@ -7,7 +7,6 @@ and loaded as the trainer and ``inference.py`` load it.
 """
 
 import json
-import shutil
 
 import pytest
 import sentencepiece as spm
@@ -17,7 +16,7 @@ from model.hf_tokenizer import write_hf_tokenizer
 from model.llama import save_model_metadata
 from model.tokenizer import load_tokenizer
 from openalpaca.prompts import encode_sample, prompt_ids
-from tests.conftest import REPO, run
+from tests.conftest import run
 from tests.exact_tokenizer import QUESTIONS, assert_exact_tokenizer, chat_ids, prompt_text, user_message
 
 

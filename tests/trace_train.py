@@ -21,11 +21,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
+import torch
+import torch.distributed as dist
 
-import train_sft  # noqa: E402
-from openalpaca.batching import Batching  # noqa: E402
+import train_sft
+from openalpaca.batching import Batching
 
 TRACE = Path(os.environ.get("TRACE_DIR", "."))
 real_step, real_micro_batches, real_build = train_sft.train_step, Batching.micro_batches, train_sft.build_engine
