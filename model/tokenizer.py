@@ -10,7 +10,8 @@ here holds ``\\n``), and OpenLLaMA's own README advises against the converted to
 
 So a folder with a ``tokenizer.model`` is read by sentencepiece itself
 (``SentencePieceTokenizer``); only a folder without one (``tokenizer.json`` alone) goes through
-``AutoTokenizer``.
+``AutoTokenizer``. For the tools outside the project, ``model.hf_tokenizer`` writes a
+``tokenizer.json`` that gives these same ids through ``AutoTokenizer``.
 """
 
 from __future__ import annotations
