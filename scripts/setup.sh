@@ -17,4 +17,10 @@ fi
 # shellcheck disable=SC2086
 .venv/bin/python -m pip install -q ${TORCH_SPEC:-torch==2.13.0}
 .venv/bin/python -m pip install -q -r requirements.txt
+# The chat page's browser test (tests/test_serve.py) drives Debian's headless Chromium: as root, install it once.
+if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null \
+        && ! { command -v chromium && command -v chromedriver; } >/dev/null; then
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; } \
+        >/dev/null || echo "warning: no chromium or chromium-driver: the chat page's browser test will be skipped"
+fi
 .venv/bin/python -c "import torch, transformers, deepspeed; print('torch', torch.__version__, '| transformers', transformers.__version__, '| deepspeed', deepspeed.__version__)"

@@ -1,0 +1,287 @@
+"""scripts/serve.sh (transformers serve behind the request guard) and scripts/chat.sh (gradio), as real
+processes on localhost, on the prompt-sensitive copy model (tests/conftest.py).
+
+One server for the module: the answer tests compare it with ``inference.py --greedy`` (one run for
+every prompt) and count the prompt tokens against ids written out with sentencepiece; the bad
+requests each get a 4xx and the server answers the next one; headless Chromium asks the chat page.
+"""
+
+from __future__ import annotations
+
+import doctest
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, clean_env, free_port, run
+
+REPEAT = "Repeat the words."
+FIRST = "Say the first word."
+QUESTIONS = [(REPEAT, "red plum fig"), (FIRST, "one two three"), (FIRST, "")]
+CONCURRENT = [(REPEAT, words) for words in ("kiwi", "red plum", "fig lime date", "one two", "green mango",
+                                            "blue white black", "apple", "pear grape")]
+START_TIMEOUT_S = 180
+
+
+def user_message(instruction: str, context: str) -> str:
+    """The chat template's convention, written out here (not the page's helper)."""
+    return f"{instruction} ### Input: {context}" if context else instruction
+
+
+def clean_ids(sp, instruction: str, context: str) -> list[int]:
+    """The clean layout's inference prompt, written out: [1] + sp(prompt) + [2, 1]."""
+    text = (f"### Input:\n{context}\n\n### Instruction:\n{instruction}\n\n### Response:" if context
+            else f"### Instruction:\n{instruction}\n\n### Response:")
+    return [1, *sp.encode(text), 2, 1]
+
+
+# ---------------------------------------------------------------- quick: the checks and helpers alone
+
+def test_guard_checks_refuse_bad_bodies_with_a_message():
+    from serve.server import Rejection, check_context, check_messages, check_sampling, parse_body
+
+    assert isinstance(parse_body(b"{bad"), Rejection) and parse_body(b"[1]").status == 400
+    assert check_messages([]).status == 400 and check_messages(None).status == 400
+    assert check_messages([{"role": "user", "content": [{"type": "image_url"}]}]).status == 400
+    assert check_messages([{"role": "user", "content": "hi"}]) is None
+    assert check_messages([{"role": "user", "content": [{"type": "text", "text": "hi"}]}]) is None
+    for bad in ({"max_tokens": -1}, {"max_tokens": 0}, {"max_completion_tokens": 1.5}, {"max_tokens": True},
+                {"temperature": -0.1}, {"temperature": float("nan")}, {"top_p": 0}, {"top_p": 1.2}):
+        rejection = check_sampling(bad)
+        assert rejection.status == 400 and rejection.param == next(iter(bad)), bad
+    assert check_sampling({"max_tokens": 5, "temperature": 0, "top_p": 1}) is None
+    assert check_context(10, {}, 10).code == "context_length_exceeded"
+    assert check_context(10, {"max_tokens": 6}, 15).param == "max_tokens"
+    assert check_context(10, {"max_tokens": 5}, 15) is None
+
+
+def test_chat_helpers_doctests():
+    import serve.chat
+
+    assert doctest.testmod(serve.chat).failed == 0
+
+
+def test_serve_refuses_a_base_folder_without_the_exact_tokenizer(tiny_model_dir, capsys):
+    """A downloaded OpenLLaMA has tokenizer.model only: one line naming the fix, before any model loads."""
+    from serve.server import main
+
+    assert main([str(tiny_model_dir), "--port", str(free_port())]) == 1
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: {tiny_model_dir}: no tokenizer.json or chat template; add them with "
+        f"scripts/exact_tokenizer.sh {tiny_model_dir} (--layout clean for the fast recipe)"]
+
+
+# ---------------------------------------------------------------- the server, once for the module
+
+def start(cmd: list[str], log: Path) -> subprocess.Popen:
+    with open(log, "w") as out:
+        return subprocess.Popen(cmd, cwd=REPO, env=clean_env(), stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def wait_until_up(url: str, proc: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(0.3)
+    pytest.fail(f"{url} did not answer within {START_TIMEOUT_S}s:\n{log.read_text()[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def served(copy_model_dir, tmp_path_factory):
+    """scripts/serve.sh on the copy model; while it loads, inference.py answers every prompt greedily."""
+    tmp = tmp_path_factory.mktemp("serve")
+    port = free_port()
+    log = tmp / "server.log"
+    proc = start(["bash", "scripts/serve.sh", str(copy_model_dir), "--port", str(port)], log)
+    try:
+        questions = QUESTIONS + CONCURRENT
+        src, out = tmp / "q.jsonl", tmp / "a.jsonl"
+        src.write_text("".join(json.dumps({"instruction": i, "input": c}) + "\n" for i, c in questions))
+        result = run(["python", "inference.py", "--model_path", str(copy_model_dir), "--input_file", str(src),
+                      "--output_file", str(out), "--greedy", "--batch_size", "1"], timeout=240)
+        assert result.returncode == 0, result.stderr
+        reference = {(r["instruction"], r["input"]): r["generated"] for r in map(json.loads, out.open())}
+        wait_until_up(f"http://127.0.0.1:{port}/health", proc, log)
+        yield {"url": f"http://127.0.0.1:{port}/v1", "model": str(copy_model_dir), "reference": reference,
+               "proc": proc, "log": log}
+    finally:
+        stop(proc)
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    from openai import OpenAI
+
+    return OpenAI(base_url=served["url"], api_key="none", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def sp(copy_model_dir):
+    import sentencepiece as spm
+
+    return spm.SentencePieceProcessor(model_file=str(copy_model_dir / "tokenizer.model"))
+
+
+def ask(client, model: str, question: tuple[str, str], **kwargs):
+    return client.chat.completions.create(model=model, messages=[{"role": "user", "content": user_message(*question)}],
+                                          temperature=0, max_tokens=128, **kwargs)
+
+
+@pytest.mark.slow
+def test_models_list_names_the_served_folder(served, client):
+    assert [m.id for m in client.models.list().data] == [served["model"]]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("question", QUESTIONS, ids=["repeat", "first_word", "no_input"])
+def test_greedy_answer_equals_inference_py_and_the_prompt_is_the_training_prompt(served, client, sp, question):
+    reply = ask(client, served["model"], question)
+    assert reply.choices[0].message.content == served["reference"][question]
+    assert reply.usage.prompt_tokens == len(clean_ids(sp, *question))  # the template's ids, bos and all
+
+
+@pytest.mark.slow
+def test_streamed_chunks_join_to_the_same_answer(served, client, sp):
+    question = QUESTIONS[0]
+    events = list(ask(client, served["model"], question, stream=True))
+    chunks = [c.choices[0].delta.content or "" for c in events if c.choices]
+    assert len([c for c in chunks if c]) > 1  # it did stream
+    assert "".join(chunks) == served["reference"][question]
+    assert events[-1].usage.prompt_tokens == len(clean_ids(sp, *question))
+
+
+@pytest.mark.slow
+def test_eight_concurrent_clients_each_get_their_own_answer(served, client, sp):
+    assert len({served["reference"][q] for q in CONCURRENT}) == len(CONCURRENT)  # the premise: all differ
+
+    def answer(question):
+        reply = ask(client, served["model"], question)
+        return reply.choices[0].message.content, reply.usage.prompt_tokens
+
+    with ThreadPoolExecutor(len(CONCURRENT)) as pool:
+        replies = list(pool.map(answer, CONCURRENT))
+    assert replies == [(served["reference"][q], len(clean_ids(sp, *q))) for q in CONCURRENT]
+
+
+BAD_REQUESTS = {
+    "empty_messages": {"messages": []},
+    "negative_max_tokens": {"messages": [{"role": "user", "content": REPEAT}], "max_tokens": -1},
+    "longer_than_context": {"messages": [{"role": "user", "content": f"{REPEAT} ### Input: {' kiwi' * 1100}"}]},
+    "unknown_model": {"model": "no/such-model", "messages": [{"role": "user", "content": REPEAT}]},
+    "system_message": {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": REPEAT}]},
+    "roles_not_alternating": {"messages": [{"role": "user", "content": REPEAT}, {"role": "user", "content": FIRST}]},
+}
+
+
+@pytest.mark.slow
+def test_bad_requests_get_a_4xx_with_a_message_and_the_server_answers_the_next(served, client):
+    import httpx
+
+    url = served["url"] + "/chat/completions"
+    bodies = {name: json.dumps({"model": served["model"], **body}) for name, body in BAD_REQUESTS.items()}
+    bodies["malformed_json"] = '{"model": "x", "messages": ['
+    for name, body in bodies.items():
+        response = httpx.post(url, content=body, headers={"content-type": "application/json"}, timeout=60)
+        assert 400 <= response.status_code < 500, (name, response.status_code, response.text)
+        assert response.json()["error"]["message"], name
+    assert served["proc"].poll() is None
+    assert ask(client, served["model"], QUESTIONS[0]).choices[0].message.content == served["reference"][QUESTIONS[0]]
+
+
+# ---------------------------------------------------------------- the chat page in headless Chromium
+
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not (CHROMIUM and CHROMEDRIVER):
+        pytest.skip("no chromium or chromedriver (Debian: chromium, chromium-driver; scripts/setup.sh as root)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    options = Options()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(60)
+    yield driver
+    driver.quit()
+
+
+@pytest.mark.slow
+def test_chat_page_shows_the_api_answer(served, client, browser, tmp_path):
+    from selenium.common.exceptions import TimeoutException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    question = QUESTIONS[0]
+    api_answer = ask(client, served["model"], question).choices[0].message.content
+    assert api_answer == served["reference"][question]
+    port, log = free_port(), tmp_path / "chat.log"
+    page = start(["bash", "scripts/chat.sh", served["url"], "--port", str(port), "--temperature", "0"], log)
+    try:
+        wait_until_up(f"http://127.0.0.1:{port}/", page, log)
+        browser.get(f"http://127.0.0.1:{port}/")
+        wait = WebDriverWait(browser, 60)
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#instruction textarea"))
+        browser.find_element(By.CSS_SELECTOR, "#context textarea").send_keys(question[1])
+        box = browser.find_element(By.CSS_SELECTOR, "#instruction textarea")
+        box.send_keys(question[0])
+        box.send_keys(Keys.ENTER)
+
+        def answer(d) -> str:
+            bots = d.find_elements(By.CSS_SELECTOR, '#answers [data-testid="bot"]')
+            return bots[-1].text.strip() if bots else ""
+
+        def idle(d) -> bool:
+            trackers = d.find_elements(By.CSS_SELECTOR, '#answers [data-testid="status-tracker"]')
+            return all("hide" in (t.get_attribute("class") or "") for t in trackers)
+
+        try:
+            wait.until(lambda d: answer(d) == api_answer and idle(d))
+        except TimeoutException:
+            pytest.fail(f"the page shows {answer(browser)!r}, the API answered {api_answer!r}\n"
+                        f"{log.read_text()[-2000:]}")
+        assert answer(browser) == api_answer
+    finally:
+        stop(page)
+
+
+@pytest.mark.slow
+def test_chat_page_says_when_the_server_is_not_reachable():
+    import gradio as gr
+
+    from serve.chat import Answerer
+
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    answerer = Answerer(url, "scripts/serve.sh MODEL --port PORT")
+    with pytest.raises(gr.Error, match="not reachable"):
+        list(answerer.stream(REPEAT, "kiwi", 1.0, 0.9, 128))
