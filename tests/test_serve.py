@@ -8,7 +8,6 @@ requests each get a 4xx and the server answers the next one; headless Chromium a
 
 from __future__ import annotations
 
-import doctest
 import json
 import os
 import shutil
@@ -61,12 +60,6 @@ def test_guard_checks_refuse_bad_bodies_with_a_message():
     assert check_context(10, {}, 10).code == "context_length_exceeded"
     assert check_context(10, {"max_tokens": 6}, 15).param == "max_tokens"
     assert check_context(10, {"max_tokens": 5}, 15) is None
-
-
-def test_chat_helpers_doctests():
-    import serve.chat
-
-    assert doctest.testmod(serve.chat).failed == 0
 
 
 def test_serve_refuses_a_base_folder_without_the_exact_tokenizer(tiny_model_dir, capsys):
