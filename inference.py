@@ -26,12 +26,11 @@ import torch
 from tqdm import tqdm
 
 from model.export import trained_layout
+from model.hf_tokenizer import INPUT_MARK  # ``INSTRUCTION ### Input: CONTEXT``, as in the chat template
 from model.llama import TORCH_DTYPES, ModelPathError, check_model_folder, load_model, load_tokenizer
 from openalpaca.generate import Sampling, generate
 from openalpaca.prompts import LAYOUTS
 from openalpaca.records import DataError, atomic_write, check_output, read_records
-
-INPUT_MARK = "### Input:"  # interactive mode: ``INSTRUCTION ### Input: CONTEXT`` on one line
 
 
 class UsageError(ValueError):

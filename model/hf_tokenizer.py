@@ -41,8 +41,8 @@ from pathlib import Path
 from model.tokenizer import BOS_ID, EOS_ID, PAD_ID, SP_MODEL, ModelPathError
 
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-LAYOUTS = ("original", "clean")  # openalpaca.prompts.LAYOUTS (model/ imports nothing from openalpaca)
-INPUT_MARK = "### Input:"  # in a user message, ``INSTRUCTION ### Input: CONTEXT`` gives the prompt a context
+LAYOUTS = ("original", "clean")  # the token layouts of openalpaca/prompts.py, which imports them from here
+INPUT_MARK = "### Input:"  # ``INSTRUCTION ### Input: CONTEXT`` gives a context (chat template, inference.py)
 MODEL_MAX_LENGTH = 2048  # OpenLLaMA's context
 SPECIAL_PIECES = {0: "<unk>", BOS_ID: "<s>", EOS_ID: "</s>"}
 NORMAL, USER_DEFINED, CONTROL = 1, 4, 3  # sentencepiece's ModelProto.SentencePiece.Type values

@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from model.tokenizer import SP_MODEL
+from openalpaca.prompts import LAYOUTS
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS_DIR = REPO / "eval_tasks"  # the project's own lm-eval tasks
@@ -52,7 +53,6 @@ DEMO_DATA_LINE = "    test: ckpt/demo/data/heldout.jsonl"  # the YAML's data fil
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-LAYOUTS = ("original", "clean")
 
 
 class EvalError(ValueError):

@@ -30,13 +30,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+from model.hf_tokenizer import LAYOUTS  # the chat template renders the same layouts
 from model.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
 __all__ = ["BOS_ID", "EOS_ID", "PAD_ID", "IGNORE_INDEX", "LAYOUTS", "TRUNCATIONS", "SampleFormat", "EncodedSample",
            "build_prompt", "encode_text", "prompt_ids", "encode_sample"]
 
 IGNORE_INDEX = -100  # label value that torch's cross-entropy skips
-LAYOUTS = ("original", "clean")
 # keep_end: the original's ``ids[-max_length:]`` (the start of the prompt goes, no record is dropped);
 # keep_prompt: the prompt stays whole and the response's tail is cut (a record with no room is dropped).
 TRUNCATIONS = ("keep_end", "keep_prompt")
