@@ -170,13 +170,15 @@ def chat_template(layout: str) -> str:
     )
 
 
+GENERIC_CLASS = "TokenizersBackend"  # AutoTokenizer loads tokenizer.json as it is only for a generic class
+SPECIAL_TOKENS_MAP = {"bos_token": SPECIAL_PIECES[BOS_ID], "eos_token": SPECIAL_PIECES[EOS_ID],
+                      "unk_token": SPECIAL_PIECES[0], "pad_token": SPECIAL_PIECES[PAD_ID]}
+
+
 def tokenizer_config(layout: str, model_max_length: int = MODEL_MAX_LENGTH) -> dict:
     return {
-        "tokenizer_class": "TokenizersBackend",
-        "bos_token": SPECIAL_PIECES[BOS_ID],
-        "eos_token": SPECIAL_PIECES[EOS_ID],
-        "unk_token": SPECIAL_PIECES[0],
-        "pad_token": SPECIAL_PIECES[PAD_ID],
+        "tokenizer_class": GENERIC_CLASS,
+        **SPECIAL_TOKENS_MAP,
         "add_bos_token": True,
         "add_eos_token": False,
         "clean_up_tokenization_spaces": False,
@@ -184,6 +186,18 @@ def tokenizer_config(layout: str, model_max_length: int = MODEL_MAX_LENGTH) -> d
         "padding_side": "left",
         "chat_template": chat_template(layout),
     }
+
+
+def has_exact_tokenizer(folder: str | Path) -> bool:
+    """The folder holds a ``tokenizer.json`` written here: its config names the generic class,
+    so ``AutoTokenizer`` loads the file as it is."""
+    folder = Path(folder)
+    if not (folder / "tokenizer.json").is_file():
+        return False
+    try:
+        return json.loads((folder / "tokenizer_config.json").read_text()).get("tokenizer_class") == GENERIC_CLASS
+    except (OSError, ValueError):
+        return False
 
 
 def _model_max_length(folder: Path) -> int:
@@ -209,8 +223,7 @@ def write_hf_tokenizer(folder: str | Path, layout: str, out_dir: str | Path | No
     files = {
         "tokenizer.json": tokenizer.to_str(pretty=True),
         "tokenizer_config.json": json.dumps(tokenizer_config(layout, _model_max_length(folder)), indent=2) + "\n",
-        "special_tokens_map.json": json.dumps(
-            {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<unk>"}, indent=2) + "\n",
+        "special_tokens_map.json": json.dumps(SPECIAL_TOKENS_MAP, indent=2) + "\n",
     }
     out.mkdir(parents=True, exist_ok=True)
     if out.resolve() != folder.resolve():

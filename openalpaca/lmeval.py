@@ -42,6 +42,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from model.hf_tokenizer import has_exact_tokenizer
 from model.tokenizer import SP_MODEL
 from openalpaca.prompts import LAYOUTS
 
@@ -109,19 +110,6 @@ def has_weights(folder: Path) -> bool:
 def is_save_path(folder: Path) -> bool:
     """The trainer's save path before an export: a ``latest`` file naming a ``global_step*`` folder."""
     return (folder / "latest").is_file() and any(folder.glob("global_step*"))
-
-
-def has_exact_tokenizer(folder: Path) -> bool:
-    """``tokenizer.json`` written by ``model.hf_tokenizer`` (its config names the generic class,
-    so ``AutoTokenizer`` loads the file as it is); a folder without ``tokenizer.model`` keeps
-    whatever tokenizer it has (not a sentencepiece model: nothing to make exact)."""
-    config = folder / "tokenizer_config.json"
-    if not (folder / "tokenizer.json").is_file() or not config.is_file():
-        return False
-    try:
-        return json.loads(config.read_text()).get("tokenizer_class") == "TokenizersBackend"
-    except ValueError:
-        return False
 
 
 def recorded_layout(folder: Path) -> str | None:
