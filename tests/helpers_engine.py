@@ -28,6 +28,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from model.export import MODEL_FILES  # noqa: E402
+from model.llama import generation_config  # noqa: E402
 from model.tokenizer import TOKENIZER_FILES  # noqa: E402
 
 
@@ -111,6 +112,7 @@ def copy_trainer_files(model_dir: str | Path, save_path: str | Path, dtype: str)
     for name in (*MODEL_FILES, *TOKENIZER_FILES):
         if (model_dir / name).is_file():
             shutil.copy2(model_dir / name, save_path / name)
+    generation_config().save_pretrained(save_path)  # the trainer's: the original's sampling
     (save_path / "train_config.yaml").write_text(f"dtype: {dtype}\nsave_path: {save_path}\n")
     shutil.copy2(REPO / "scripts" / "zero_to_fp32.py", save_path / "zero_to_fp32.py")
 

@@ -144,14 +144,22 @@ def check_index(folder: Path, index_name: str) -> dict[str, str]:
     return weight_map
 
 
+# The original's sampling (the seed README's snippet), written out: every exported folder carries it.
+ORIGINAL_SAMPLING = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "do_sample": True, "top_k": 50,
+                     "top_p": 0.9, "max_new_tokens": 128}
+
+
 def check_tokenizer(folder: Path) -> None:
-    """The exact tokenizer and the chat template of the run's layout (none recorded: original).
+    """The exact tokenizer and the chat template of the run's layout (none recorded: original), and
+    the original's sampling in ``generation_config.json``.
 
     The save paths here hold only the base folder's ``tokenizer.model`` and OpenLLaMA's config
     (as a save path written before the trainer wrote the exact files): the exporters add them."""
     from tests.exact_tokenizer import assert_exact_tokenizer
 
     assert_exact_tokenizer(folder, "original")
+    generation = json.loads((folder / "generation_config.json").read_text())
+    assert {k: generation.get(k) for k in ORIGINAL_SAMPLING} == ORIGINAL_SAMPLING
 
 
 def test_engine_trained_away_from_init(ckpt: dict[str, Any], tmp_path: Path) -> None:
