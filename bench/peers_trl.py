@@ -14,7 +14,8 @@ defaults would turn both on).
 
 What it writes into ``out_dir``: ``logs/summary.json`` with the keys bench/peers.py reads from the
 project's trainer (steps, supervised_tokens, train_seconds, final_loss), the trained weights as an
-HF folder (``model/``: gathered from the ZeRO-3 partitions after training) and, through
+HF folder (``model/``: gathered from the ZeRO-3 partitions after training; ``supervised_tokens`` is
+counted in the micro-batches TRL trains on, ``CountingCollator``) and, through
 ``PEERS_MEMORY_DIR``, each rank's peak memory.
 """
 
@@ -31,10 +32,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peers_ours import record_peak_memory
 
 
-def supervised_tokens(rows: list[dict]) -> int:
-    """Targets of the samples: completion tokens after the model's one-token shift (a sample's first
-    token is never one: TRL's padding-free collator masks it, as the project's trainer does)."""
-    return sum(sum(row["completion_mask"][1:]) for row in rows)
+class CountingCollator:
+    """TRL's own collator, counting the targets of every micro-batch it hands the model: the
+    positions whose label is not -100 after the model's one-token shift. That is what TRL trains
+    on (completion tokens only, a sample's first token masked by its padding-free collator), read
+    from the batches themselves rather than from the data file."""
+
+    def __init__(self, collate) -> None:
+        self.collate, self.targets = collate, 0
+
+    def __call__(self, features):
+        batch = self.collate(features)
+        self.targets += int((batch["labels"][..., 1:] != -100).sum())
+        return batch
+
+
+def all_ranks_sum(value: int) -> int:
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(t)
+    return int(t.item())
 
 
 def timing_callback():
@@ -101,11 +120,13 @@ def main(job_path: str) -> None:
     timing = timing_callback()
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
                          callbacks=[timing])
+    counting = trainer.data_collator = CountingCollator(trainer.data_collator)
     trainer.train()
     save_gathered(trainer.model, out / "model")
+    trained = all_ranks_sum(counting.targets)
     if trainer.is_world_process_zero():
         losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-        summary = {"steps": trainer.state.global_step, "supervised_tokens": supervised_tokens(rows),
+        summary = {"steps": trainer.state.global_step, "supervised_tokens": trained,
                    "train_seconds": timing.end - timing.start, "final_loss": losses[-1] if losses else None,
                    "checkpoint": str(out / "model")}
         (out / "logs").mkdir(parents=True, exist_ok=True)

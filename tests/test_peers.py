@@ -64,6 +64,8 @@ def test_trl_version_is_the_pinned_one(bench):
 
 
 def test_every_trainer_supervises_the_tokens_the_data_gives(bench):
+    """Counted in what each trainer trains on (the project's trainer: its batches' labels; TRL: the
+    micro-batches its collator hands the model), against the data file read by sentencepiece."""
     result, work = bench
     targets = response_targets(work)
     assert result["fast"]["supervised_tokens"] == result["trl"]["supervised_tokens"] == sum(map(len, targets))
