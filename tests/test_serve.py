@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -47,18 +48,38 @@ def clean_ids(sp, instruction: str, context: str) -> list[int]:
 def test_guard_checks_refuse_bad_bodies_with_a_message():
     from serve.server import Rejection, check_context, check_messages, check_sampling, parse_body
 
-    assert isinstance(parse_body(b"{bad"), Rejection) and parse_body(b"[1]").status == 400
-    assert check_messages([]).status == 400 and check_messages(None).status == 400
-    assert check_messages([{"role": "user", "content": [{"type": "image_url"}]}]).status == 400
+    def said(rejection) -> tuple:
+        return rejection.status, rejection.param, rejection.code, rejection.message
+
+    malformed = parse_body(b"{bad")
+    assert isinstance(malformed, Rejection) and malformed.status == 400 and malformed.param is None
+    assert malformed.message.startswith("the request body is not valid JSON: Expecting property name")
+    assert said(parse_body(b"[1]")) == (400, None, None, "the request body must be a JSON object, got list")
+    empty = (400, "messages", None, "messages must be a non-empty list of {role, content} objects")
+    assert said(check_messages([])) == empty and said(check_messages(None)) == empty
+    assert said(check_messages([{"role": "user", "content": "hi"}, {"content": "x"}])) == (
+        400, "messages", None, "messages[1] must be an object with a string 'role'")
+    assert said(check_messages([{"role": "user", "content": [{"type": "image_url"}]}])) == (
+        400, "messages", None,
+        "messages[0].content must be a string or a list of text parts ({'type': 'text', 'text': ...})")
     assert check_messages([{"role": "user", "content": "hi"}]) is None
     assert check_messages([{"role": "user", "content": [{"type": "text", "text": "hi"}]}]) is None
-    for bad in ({"max_tokens": -1}, {"max_tokens": 0}, {"max_completion_tokens": 1.5}, {"max_tokens": True},
-                {"temperature": -0.1}, {"temperature": float("nan")}, {"top_p": 0}, {"top_p": 1.2}):
-        rejection = check_sampling(bad)
-        assert rejection.status == 400 and rejection.param == next(iter(bad)), bad
+    for bad, message in (
+            ({"max_tokens": -1}, "max_tokens must be a positive integer, got -1"),
+            ({"max_tokens": 0}, "max_tokens must be a positive integer, got 0"),
+            ({"max_completion_tokens": 1.5}, "max_completion_tokens must be a positive integer, got 1.5"),
+            ({"max_tokens": True}, "max_tokens must be a positive integer, got True"),
+            ({"temperature": -0.1}, "temperature must be a number from 0 to 2, got -0.1"),
+            ({"temperature": float("nan")}, "temperature must be a number from 0 to 2, got nan"),
+            ({"top_p": 0}, "top_p must be a number in (0, 1], got 0"),
+            ({"top_p": 1.2}, "top_p must be a number in (0, 1], got 1.2")):
+        assert said(check_sampling(bad)) == (400, next(iter(bad)), None, message), bad
     assert check_sampling({"max_tokens": 5, "temperature": 0, "top_p": 1}) is None
-    assert check_context(10, {}, 10).code == "context_length_exceeded"
-    assert check_context(10, {"max_tokens": 6}, 15).param == "max_tokens"
+    assert said(check_context(10, {}, 10)) == (
+        400, "messages", "context_length_exceeded", "the prompt is 10 tokens; this model's context is 10 tokens")
+    assert said(check_context(10, {"max_tokens": 6}, 15)) == (
+        400, "max_tokens", "context_length_exceeded",
+        "the prompt (10 tokens) plus max_tokens (6) exceed this model's context of 15 tokens")
     assert check_context(10, {"max_tokens": 5}, 15) is None
 
 
@@ -190,17 +211,47 @@ BAD_REQUESTS = {
 }
 
 
-@pytest.mark.slow
-def test_bad_requests_get_a_4xx_with_a_message_and_the_server_answers_the_next(served, client):
+def expected_answers(sp, context: int) -> dict[str, tuple]:
+    """What each bad request must get: (status, error.param, error.code, message pattern), written out
+    here; the long prompt's token count comes from sentencepiece."""
+    long_prompt = len(clean_ids(sp, REPEAT, ("kiwi " * 1100).strip()))
+    return {
+        "empty_messages": (400, "messages", None, r"messages must be a non-empty list of \{role, content\} objects"),
+        "negative_max_tokens": (400, "max_tokens", None, r"max_tokens must be a positive integer, got -1"),
+        "longer_than_context": (400, "messages", "context_length_exceeded",
+                                rf"the prompt is {long_prompt} tokens; this model's context is {context} tokens"),
+        "unknown_model": (404, "model", "model_not_found",
+                          r"model 'no/such-model' is not served here; this server serves '.*' \(GET /v1/models\)"),
+        "system_message": (400, "messages", None, r"the model's chat template refuses these messages: only user and "
+                           r"assistant messages are supported \(got system\); give a context as .*"),
+        "roles_not_alternating": (400, "messages", None, r"the model's chat template refuses these messages: messages "
+                                  r"must alternate user, assistant, user, \.\.\. starting with user"),
+        "malformed_json": (400, None, None, r"the request body is not valid JSON: .*"),
+    }
+
+
+def post_bad_requests(url: str, model: str, sp, context: int, headers: dict | None = None) -> None:
+    """Every bad request gets its own 4xx, param, code and message (OpenAI's error shape)."""
     import httpx
 
-    url = served["url"] + "/chat/completions"
-    bodies = {name: json.dumps({"model": served["model"], **body}) for name, body in BAD_REQUESTS.items()}
+    bodies = {name: json.dumps({"model": model, **body}) for name, body in BAD_REQUESTS.items()}
     bodies["malformed_json"] = '{"model": "x", "messages": ['
+    expected = expected_answers(sp, context)
+    assert set(bodies) == set(expected)
     for name, body in bodies.items():
-        response = httpx.post(url, content=body, headers={"content-type": "application/json"}, timeout=60)
-        assert 400 <= response.status_code < 500, (name, response.status_code, response.text)
-        assert response.json()["error"]["message"], name
+        response = httpx.post(url + "/chat/completions", content=body, timeout=60,
+                              headers={"content-type": "application/json", **(headers or {})})
+        status, param, code, message = expected[name]
+        error = response.json()["error"]
+        assert (response.status_code, error["param"], error["code"]) == (status, param, code), (name, response.text)
+        assert re.fullmatch(message, error["message"]), (name, error["message"])
+        assert error["type"] == ("not_found_error" if status == 404 else "invalid_request_error"), name
+
+
+@pytest.mark.slow
+def test_bad_requests_get_a_4xx_with_a_message_and_the_server_answers_the_next(served, client, sp, copy_model_dir):
+    context = json.loads((copy_model_dir / "config.json").read_text())["max_position_embeddings"]
+    post_bad_requests(served["url"], served["model"], sp, context)
     assert served["proc"].poll() is None
     assert ask(client, served["model"], QUESTIONS[0]).choices[0].message.content == served["reference"][QUESTIONS[0]]
 
