@@ -442,14 +442,14 @@ def train(cfg: TrainConfig, data: Prepared) -> None:
             metrics.log(step, "train", loss=run.loss, lr=lr, grad_norm=float(engine.get_global_grad_norm() or 0.0),
                         tokens_per_s=tok_s, supervised_tokens=n_tokens)
             if step % cfg.logging_steps == 0 or step == total_steps:
-                bar.set_postfix(loss=f"{run.loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
+                bar.set_postfix(loss=f"{run.loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}", refresh=False)
                 if rank == 0:
-                    tqdm.write(f"step {step}/{total_steps} epoch {epoch} loss {run.loss:.4f} lr {lr:.3e}")
+                    log_line(f"step {step}/{total_steps} epoch {epoch} loss {run.loss:.4f} lr {lr:.3e}")
             if data.eval_set and (step == total_steps or cfg.eval_steps and step % cfg.eval_steps == 0):
                 run.eval_loss = eval_loss(engine, data.eval_set, batching)
                 metrics.log(step, "eval", loss=run.eval_loss)
                 if rank == 0:
-                    tqdm.write(f"step {step}/{total_steps} eval loss {run.eval_loss:.4f}")
+                    log_line(f"step {step}/{total_steps} eval loss {run.eval_loss:.4f}")
             bar.update(1)
             stopped = step < total_steps and stopped_or_saved(engine, cfg, step, epoch, len(dataset))
     run.train_seconds = run.elapsed()
@@ -461,6 +461,15 @@ def train(cfg: TrainConfig, data: Prepared) -> None:
         save_adapter(engine, save)
     metrics.close()
     finish(run, engine, cfg, save, tag, step)
+
+
+def log_line(line: str) -> None:
+    """A line of the run's log: above the progress bar on a terminal; plainly where stderr is a file,
+    since ``tqdm.write`` draws the bar once more after every line it writes."""
+    if sys.stderr.isatty():
+        tqdm.write(line)
+    else:
+        print(line, flush=True)
 
 
 @dataclass

@@ -3,6 +3,7 @@
 import json
 import re
 import sys
+from collections import Counter
 
 import pytest
 import yaml
@@ -66,6 +67,10 @@ def test_one_rank_zero3_loss_goes_down_with_eval_logs_and_plot(tiny_model_dir, a
     assert (save / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = proc.stdout.splitlines()[-2]
     assert summary.startswith("done: 13 steps") and "eval loss" in summary and "loss.png" in summary
+    # In a log file (stderr is not a terminal) the bar is drawn at its start, at its end and at most once a
+    # minute between: never once more for each logged step.
+    drawn = Counter(re.findall(r"train:\s+\d+%\|[^|]*\|\s*(\d+)/13", proc.stderr))
+    assert drawn["0"] == 1 and drawn["13"] == 1 and max(drawn.values()) == 1, drawn
     assert sorted(p.name for p in extensions.rglob("*")) == ["deepspeed_shm_comm", "lock"]
 
 
