@@ -408,16 +408,25 @@ def eval_loss(engine, eval_set: SFTDataset, batching: Batching) -> float:
 
 
 def train(cfg: TrainConfig, data: Prepared) -> None:
-    init_distributed()
-    rank, world = dist.get_rank(), dist.get_world_size()
+    """Build the engine, run the loop, save; the engine and the metrics writer are closed on every way out."""
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     engine = build_engine(cfg, data.ds_config)
+    save = Path(cfg.save_path)
+    (save / "logs").mkdir(parents=True, exist_ok=True)
+    metrics = MetricsLogger(save / "logs", enabled=dist.get_rank() == 0)
+    try:
+        run_loop(engine, metrics, cfg, data)
+    finally:
+        metrics.close()  # TensorBoard's writer thread flushes and ends
+        engine.destroy()  # ZeRO-3's hooks and buffers
+
+
+def run_loop(engine, metrics: MetricsLogger, cfg: TrainConfig, data: Prepared) -> None:
+    rank, world = dist.get_rank(), dist.get_world_size()
     dataset, save, total_steps = data.train_set, Path(cfg.save_path), data.total_steps
     batching = make_batching(cfg, world, rank)
     step = resume(engine, cfg, data.resume_point) if data.resume_point else 0
-    (save / "logs").mkdir(parents=True, exist_ok=True)
-    metrics = MetricsLogger(save / "logs", enabled=rank == 0)
     if rank == 0:
         write_run_files(engine, cfg, data, save)
         print(f"{len(dataset)} samples ({dataset.num_skipped} skipped: prompt longer than max_length, "
@@ -454,12 +463,10 @@ def train(cfg: TrainConfig, data: Prepared) -> None:
             stopped = step < total_steps and stopped_or_saved(engine, cfg, step, epoch, len(dataset))
     run.train_seconds = run.elapsed()
     if stopped:
-        metrics.close()
         return
     tag = save_checkpoint(engine, cfg, step, cfg.epochs, len(dataset))
     if cfg.lora_r:
         save_adapter(engine, save)
-    metrics.close()
     finish(run, engine, cfg, save, tag, step)
 
 
@@ -533,13 +540,33 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {err}", file=sys.stderr)
         return 1
+    init_distributed()
+    status = 0
     try:
         train(cfg, data)
     except TrainingError as err:  # raised on every rank alike: one line is enough
         if os.environ["RANK"] == "0":
             print(f"error: {err}", file=sys.stderr)
-        return 1
-    return 0
+        status = 1
+    leave_process_group()
+    return status
+
+
+def leave_process_group() -> None:
+    """Destroy the process group while the interpreter is whole: success, error line and SIGTERM alike.
+
+    Without it gloo's worker threads outlive ``main``: a worker that drops the last reference to a
+    finished collective's tensors then needs the GIL, and during interpreter finalization that
+    ends the thread inside C++ code, which aborts the process ("terminate called without an
+    active exception", the launcher's exit status 250). It is a race at exit that load makes
+    likely (docs/results.md, "Exit status"). Every rank gets here at the same point (errors are
+    agreed on first), so no collective is in flight. After an unexpected exception the group is
+    left alone: a rank that stopped mid-collective could make the others wait for it here.
+    """
+    import deepspeed.comm
+
+    if dist.is_initialized():
+        deepspeed.comm.destroy_process_group()  # also drops DeepSpeed's own references to the groups
 
 
 if __name__ == "__main__":

@@ -49,6 +49,16 @@ def finish(proc, timeout=300) -> tuple[int, str, str]:
     return proc.returncode, out, err
 
 
+def assert_left_the_process_group(save, status: int, ranks: int = 2) -> None:
+    """Every rank's ``main`` returned ``status`` with the process group already destroyed (a group left
+    to interpreter teardown can abort a rank at exit: docs/results.md, "Exit status")."""
+    trace = save.parent / f"{save.name}-trace"
+    states = [json.loads((trace / f"exit_rank{r}.json").read_text()) for r in range(ranks)]
+    assert states == [{"status": status, "process_group_alive": False}] * ranks, states
+    for r in range(ranks):
+        (trace / f"exit_rank{r}.json").unlink()  # the next launch writes its own
+
+
 def weights(save, tag="global_step20"):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -106,6 +116,7 @@ def uninterrupted(tiny_model_dir, data, tmp_path_factory):
     save = tmp_path_factory.mktemp("uninterrupted") / "a"
     code, out, err = finish(start(tiny_model_dir, data, save))
     assert code == 0, err[-3000:]
+    assert_left_the_process_group(save, 0)
     assert "2 ranks x 2 accumulation x 1 = batch 4" in out
     assert len(steps_seen(save)) == TOTAL
     return save
@@ -127,6 +138,7 @@ def test_sigterm_to_the_job_saves_then_the_resume_equals_the_uninterrupted_run(t
     os.killpg(proc.pid, signal.SIGTERM)  # a second signal, likely during the save
     code, out, err = finish(proc)
     assert code == 0, err[-3000:]
+    assert_left_the_process_group(b, 0)
     stopped = [line for line in out.splitlines() if line.startswith("stopped by SIGTERM")]
     assert len(stopped) == 1, out[-2000:]
     step = int(stopped[0].split("after step ")[1].split(":")[0])
@@ -138,6 +150,7 @@ def test_sigterm_to_the_job_saves_then_the_resume_equals_the_uninterrupted_run(t
 
     code, out, err = finish(start(tiny_model_dir, data, b, "--resume", "true"))
     assert code == 0, err[-3000:]
+    assert_left_the_process_group(b, 0)
     assert f"starting at {step}" in out
     diff = max_diff(weights(uninterrupted), weights(b))
     print(f"SIGTERM after step {step}, resumed: max abs weight difference {diff:.2e}")
@@ -205,6 +218,7 @@ def test_a_failed_save_stops_the_run_in_one_line_and_the_last_good_checkpoint_st
     (b / "tmp-global_step8").write_text("in the way")
     code, out, err = finish(start(tiny_model_dir, data, b))
     assert code == 1
+    assert_left_the_process_group(b, 1)
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, err[-3000:]
     assert errors[0].startswith(f"error: checkpoint global_step8 could not be written to {b} (")
@@ -214,5 +228,6 @@ def test_a_failed_save_stops_the_run_in_one_line_and_the_last_good_checkpoint_st
     (b / "tmp-global_step8").unlink()
     code, out, err = finish(start(tiny_model_dir, data, b, "--resume", "true"))
     assert code == 0, err[-3000:]
+    assert_left_the_process_group(b, 0)
     assert "starting at 4" in out
     assert max_diff(weights(uninterrupted), weights(b)) <= BOUND

@@ -6,7 +6,9 @@
 - ``DIR/samples_rank{R}.jsonl``: which records rank R trained on, step by step (appended, so a
   resumed run adds to it);
 - ``CRASH_AT_SAVE=N``: SIGKILL the whole launch halfway through writing checkpoint N (after the
-  rank files, before the rename that makes it ``latest``).
+  rank files, before the rename that makes it ``latest``);
+- ``DIR/exit_rank{R}.json``: what ``main`` returned on rank R, and whether the process group was
+  still alive then (a group left to interpreter teardown can abort the process at exit).
 
 The trainer itself carries no hook: everything here wraps its functions.
 """
@@ -64,4 +66,7 @@ if __name__ == "__main__":
     Batching.micro_batches = traced_micro_batches
     if os.environ.get("CRASH_AT_SAVE"):
         train_sft.build_engine = crashing_engine
-    sys.exit(train_sft.main())
+    status = train_sft.main()
+    exit_state = {"status": status, "process_group_alive": dist.is_initialized()}
+    (TRACE / f"exit_rank{os.environ.get('RANK', '0')}.json").write_text(json.dumps(exit_state))
+    sys.exit(status)
