@@ -277,21 +277,32 @@ def saved_folder(sp_folder: Path, out: Path, layout: str) -> Path:
 def invariant_breaks(folder: Path, sp, records: list[dict], samples, layout: str) -> list[str]:
     """For every answer k of every conversation: the chat template on the turns before it (with the
     generation prompt), tokenised by AutoTokenizer from ``folder``, must be the training ids up to where
-    answer k starts, and the training ids must go on with answer k. Returns what breaks it."""
+    answer k starts, and the training ids must go on with answer k; ``inference.py``'s prompt for that
+    question (``prompt_ids`` with the earlier exchanges as history) must be the template's. Returns what
+    breaks it."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(folder))
+    from model.llama import load_tokenizer
+    from openalpaca.prompts import prompt_ids
+
+    tok, ours = AutoTokenizer.from_pretrained(str(folder)), load_tokenizer(folder)
     breaks = []
     for n, (record, sample) in enumerate(zip(records, samples, strict=True)):
         messages = record["messages"]
+        history = []
         for k in range(len(messages) // 2):
             rendered = tok.apply_chat_template(messages[: 2 * k + 1], add_generation_prompt=True, tokenize=True)
             ids = list(rendered["input_ids"] if hasattr(rendered, "keys") else rendered)
             answer = ([1] if layout == "original" else []) + sp.encode(messages[2 * k + 1]["content"]) + [2]
+            question = split_user(messages[2 * k]["content"])
+            where = f"conversation {n + 1}, answer {k + 1}"
             if sample.input_ids[: len(ids)] != ids:
-                breaks.append(f"conversation {n + 1}, answer {k + 1}: the template's prompt is not the training ids")
+                breaks.append(f"{where}: the template's prompt is not the training ids")
             elif sample.input_ids[len(ids) : len(ids) + len(answer)] != answer:
-                breaks.append(f"conversation {n + 1}, answer {k + 1}: the training ids do not go on with the answer")
+                breaks.append(f"{where}: the training ids do not go on with the answer")
+            elif prompt_ids(ours, *question, layout, history=history) != ids:
+                breaks.append(f"{where}: inference's prompt is not the template's")
+            history.append(Exchange(*question, messages[2 * k + 1]["content"]))
     return breaks
 
 
