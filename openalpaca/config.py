@@ -247,8 +247,9 @@ def _parse_bool(text: str) -> bool:
 HELP = {
     "model_path": "HF folder (or hub id) of the base model: config.json, weights, tokenizer.model",
     "data_path": "training data, JSON list or JSONL (or parquet): Alpaca records (instruction, input, output) or "
-                 "conversations (OpenAI messages, ShareGPT conversations); docs/conversations.md",
-    "data_format": "format of data_path and eval_data_path: auto (from the first record), alpaca, messages "
+                 "conversations (OpenAI messages, ShareGPT conversations); several files comma-separated; "
+                 "docs/conversations.md",
+    "data_format": "format of the data files: auto (each file's from its first record), alpaca, messages "
                    "(OpenAI {messages: [{role, content}]}) or sharegpt ({conversations: [{from, value}]})",
     "system_message": "a conversation's first-turn system message: refuse (stop with an error naming it) or "
                       "prepend (put it before the first instruction, a blank line between)",

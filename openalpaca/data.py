@@ -36,10 +36,17 @@ def read_alpaca(path: str | Path) -> list[dict[str, Any]]:
     return read_records(path, ALPACA_FIELDS)
 
 
-def read_training_data(path: str | Path, data_format: str = "auto",
+def read_training_data(paths: str | Path, data_format: str = "auto",
                        system_message: str = "refuse") -> list[Conversation]:
-    """Training or eval records of any format (``openalpaca.conversations``), as conversations."""
-    return read_conversations(path, data_format, system_message)[1]
+    """Training or eval records of any format (``openalpaca.conversations``), as conversations.
+
+    ``paths`` may name several files, comma-separated (Alpaca records and conversations, say):
+    their records one after the other, each file's format its own (``auto``) or ``data_format``.
+    """
+    files = [p.strip() for p in str(paths).split(",") if p.strip()] if isinstance(paths, str) else [paths]
+    if not files:
+        raise DataError(f"no data file given ({paths!r})")
+    return [c for path in files for c in read_conversations(path, data_format, system_message)[1]]
 
 
 def as_conversation(record: dict[str, str] | Conversation) -> Conversation:

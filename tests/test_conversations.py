@@ -405,6 +405,18 @@ def test_a_file_is_one_format_and_auto_says_when_it_cannot_tell(tmp_path):
     assert read_conversations(tmp_path / "m.jsonl", "messages")[0] == "messages"
 
 
+def test_several_files_each_with_its_own_format(tmp_path):
+    """``data_path: a.json,chats.jsonl``: the records one after the other; an error names its file."""
+    (tmp_path / "a.json").write_text(json.dumps([{"instruction": " Name a fruit.", "input": "", "output": "apple"}]))
+    chats = write_jsonl(tmp_path / "chats.jsonl", [GOOD])
+    records = read_training_data(f"{tmp_path / 'a.json'}, {chats}")
+    assert records == [(Exchange(" Name a fruit.", "", "apple"),),
+                       (Exchange("Sort the words.", "b a", "a b"), Exchange("Upper case.", "", "A B"))]
+    bad = write_jsonl(tmp_path / "bad.jsonl", [msgs(("user", "a"))])
+    with pytest.raises(DataError, match=rf"^{bad}: line 1: turn 1: the conversation ends with a user turn"):
+        read_training_data(f"{chats},{bad}")
+
+
 def test_the_trainer_refuses_a_bad_conversation_before_loading_anything(tiny_model_dir, tmp_path, monkeypatch):
     """train_sft.prepare (the checks before any model is built): the bad record's line, and no tokenizer loaded."""
     import train_sft
