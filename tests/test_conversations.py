@@ -478,3 +478,44 @@ def test_process_dataset_checks_and_writes_conversations_as_messages(tokenizer, 
     assert capsys.readouterr().err.strip() == (f"error: {bad}: line 1: turn 1: the conversation ends with a user "
                                                f"turn; the last turn must be the assistant's answer")
     assert not (tmp_path / "o.json").exists()
+
+
+# ---------------------------------------------------------------- the benchmarks' conversation path
+
+
+def test_peers_feeds_trl_every_answer_and_scores_every_answer(tokenizer, tiny_model_dir):
+    """bench/peers.py --conversations: TRL's completion mask covers exactly the answers and their eos
+    (written out here), and the held-out loss of a conversation is the mean over its answers, each
+    scored after the earlier turns as inference feeds them."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "bench"))
+    import peers
+    from transformers import LlamaForCausalLM
+
+    sp = spm.SentencePieceProcessor(model_file=str(tiny_model_dir / "tokenizer.model"))
+    records = [chat(("Repeat the words. ### Input: red plum", "red plum"), ("Name a fruit.", "apple")),
+               {"instruction": "Name a fruit.", "input": "", "output": "pear"}]
+    rows = peers.trl_rows(records, tokenizer, 1024)
+    ids, _ = expected_sample(sp, records[0]["messages"], "clean")
+    assert rows[0]["input_ids"] == ids
+    masked = [i for i, m in zip(rows[0]["input_ids"], rows[0]["completion_mask"], strict=True) if m]
+    assert masked == sp.encode("red plum") + [2] + sp.encode("apple") + [2]
+
+    model = LlamaForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa").eval()
+    for layout in ("clean", "original"):
+        ce, count = 0.0, 0
+        history: list[list[int]] = []
+        with torch.no_grad():
+            for k in range(2):
+                user, answer = records[0]["messages"][2 * k]["content"], records[0]["messages"][2 * k + 1]["content"]
+                bos = [1, 1] if layout == "original" else [1]
+                context = sum(history, []) + bos + sp.encode(seed_prompt(*split_user(user))) + [2, 1]
+                context += [1] if layout == "original" else []
+                target = sp.encode(answer) + [2]
+                logits = model(input_ids=torch.tensor([context + target])).logits[0, len(context) - 1:-1]
+                ce += torch.nn.functional.cross_entropy(logits, torch.tensor(target), reduction="sum").item()
+                count += len(target)
+                history.append(context + target)
+        assert peers.heldout_loss(tiny_model_dir, layout, records[:1], tokenizer) == pytest.approx(ce / count,
+                                                                                                  rel=1e-5)
