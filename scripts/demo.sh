@@ -56,4 +56,4 @@ bash scripts/make_shards.sh "$SAVE" --max_shard_size 2MB
 
 stage "6/6 held-out exact match, greedy, through the inference code path"
 "$PYTHON" -m demo eval --base "$OUT/base" --trained "$SAVE" --heldout "$OUT/data/heldout.jsonl" \
-    --heldout_chats "$OUT/data/heldout_chats.jsonl" --started_at "$started_at"
+    --heldout_chats "$OUT/data/heldout_chats.jsonl" --started_at "$started_at" --report "$OUT/eval.json"

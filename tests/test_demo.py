@@ -52,5 +52,7 @@ def test_reduced_demo_runs_every_stage(tmp_path):
                         lines[-2]), lines[-2]
     for task in synthetic.TASKS:
         assert any(re.fullmatch(rf"{task}\s+\d+\s+\d\.\d\d", line) for line in lines), task
+    figures = json.loads((out / "eval.json").read_text())
+    assert {"exact_match", "second_turn_exact_match", "per_task", "wall_seconds"} <= set(figures)
     for task in synthetic.CHAT_TASKS:
         assert any(re.fullmatch(rf"{re.escape(task)} \(2nd\)\s+2\s+\d\.\d\d", line) for line in lines), task

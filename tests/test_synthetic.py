@@ -392,3 +392,15 @@ def test_cli_writes_conversations(tmp_path: Path) -> None:
                     "--n_heldout_chats", "8", "--chat_weights", "sort+first=2", "--seed", "5"])
     assert synthetic.read_jsonl(tmp_path / "chats.jsonl") == synthetic.make_chats(12, "train", 5, {"sort+first": 2})
     assert synthetic.read_jsonl(tmp_path / "heldout_chats.jsonl") == synthetic.make_chats(8, "heldout", 5)
+
+
+def test_demo_check_fails_below_a_floor_with_one_line(tmp_path: Path, capsys) -> None:
+    from demo.__main__ import main
+
+    report = tmp_path / "eval.json"
+    report.write_text(json.dumps({"exact_match": 0.975, "second_turn_exact_match": 0.8875}))
+    assert main(["check", str(report)]) == 1
+    assert capsys.readouterr().err == f"error: {report}: second_turn_exact_match 0.89 is below 0.90\n"
+    assert main(["check", str(report), "--second_turn_exact_match", "0.85"]) == 0
+    assert main(["check", str(tmp_path / "none.json")]) == 1
+    assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'none.json'}: not a readable report")
