@@ -5,9 +5,12 @@
     python inference.py --interactive
     python inference.py --input_file questions.jsonl --output_file answers.jsonl
 
-Interactive mode reads one question per line and streams the answer as it is generated. A line
-is an instruction; ``INSTRUCTION ### Input: CONTEXT`` gives it a context (the text after the
-first ``### Input:``, stripped; nothing after it means no context). An empty line or Ctrl-D quits.
+Interactive mode is a conversation: it reads one question per line and streams the answer as it
+is generated, each question asked after the earlier questions and answers (as the model was
+trained on conversations, and as the chat template renders them); ``/reset`` starts a new
+conversation. A line is an instruction; ``INSTRUCTION ### Input: CONTEXT`` gives it a context
+(the text after the first ``### Input:``, stripped; nothing after it means no context). An empty
+line or Ctrl-D quits.
 
 Sampling defaults are the seed's (top-k 50, top-p 0.9, 128 new tokens); ``--greedy`` decodes
 deterministically. The prompt's token layout is the one the model was trained with, read from
@@ -29,8 +32,10 @@ from model.export import trained_layout
 from model.hf_tokenizer import INPUT_MARK  # ``INSTRUCTION ### Input: CONTEXT``, as in the chat template
 from model.llama import TORCH_DTYPES, ModelPathError, check_model_folder, load_model, load_tokenizer
 from openalpaca.generate import Sampling, generate
-from openalpaca.prompts import LAYOUTS
+from openalpaca.prompts import LAYOUTS, Exchange, split_user_content
 from openalpaca.records import DataError, atomic_write, check_output, read_records
+
+RESET = "/reset"  # interactive: forget the conversation so far
 
 
 class UsageError(ValueError):
@@ -48,8 +53,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     mode = p.add_argument_group("mode (pick one)")
     mode.add_argument("--instruction", help="one instruction to answer")
     mode.add_argument("--interactive", action="store_true",
-                      help=f"a prompt loop that streams tokens; 'INSTRUCTION {INPUT_MARK} CONTEXT' adds a context; "
-                      "empty line exits")
+                      help=f"a conversation that streams tokens; 'INSTRUCTION {INPUT_MARK} CONTEXT' adds a context; "
+                      f"{RESET} starts a new conversation; empty line exits")
     mode.add_argument("--input_file", help="Alpaca-format JSON or JSONL (instruction, optional input)")
     p.add_argument("--input", default="", help="optional context for --instruction")
     p.add_argument("--output_file", help="JSONL written by --input_file mode: each record plus 'generated'")
@@ -97,8 +102,9 @@ def interactive(model, tokenizer, sampling: Sampling, layout: str) -> None:
     from transformers import TextStreamer
 
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    print(f"Type an instruction, optionally followed by '{INPUT_MARK} CONTEXT' "
-          "(empty line or Ctrl-D to quit).", flush=True)
+    print(f"Type an instruction, optionally followed by '{INPUT_MARK} CONTEXT'; each question follows the "
+          f"conversation so far, {RESET} starts a new one (empty line or Ctrl-D to quit).", flush=True)
+    history: list[Exchange] = []
     while True:
         try:
             line = input("\n### Instruction: ").strip()
@@ -106,19 +112,25 @@ def interactive(model, tokenizer, sampling: Sampling, layout: str) -> None:
             break
         if not line:
             break
-        generate(model, tokenizer, [split_question(line)], sampling, batch_size=1, streamer=streamer, layout=layout)
+        if line == RESET:
+            history = []
+            print("(a new conversation)", flush=True)
+            continue
+        question = split_question(line)
+        answer = generate(model, tokenizer, [question], sampling, batch_size=1, streamer=streamer, layout=layout,
+                          histories=[history])[0]
+        history.append(Exchange(*question, answer))
 
 
 def split_question(line: str) -> tuple[str, str]:
-    """An interactive line as ``(instruction, input)``.
+    """An interactive line as ``(instruction, input)``, read as the chat template reads a user message.
 
     >>> split_question("Summarise the text. ### Input: Alpacas are camelids.")
     ('Summarise the text.', 'Alpacas are camelids.')
     >>> split_question("Name a fruit.")
     ('Name a fruit.', '')
     """
-    instruction, _, context = line.partition(INPUT_MARK)
-    return instruction.strip(), context.strip()
+    return split_user_content(line)
 
 
 def read_questions(args: argparse.Namespace) -> list[dict]:

@@ -1,12 +1,18 @@
-"""Turn databricks-dolly-15k into the Alpaca-format ``openalpaca.json``.
+"""Turn databricks-dolly-15k into the Alpaca-format ``openalpaca.json``, or check and normalise conversations.
 
 Each dolly record ``{instruction, context, response, category}`` becomes
 ``{instruction, input, output}`` (``category`` and any other key are dropped), input order
 is kept, and a record is kept when its three fields hold at most ``--max_words``
 whitespace-separated words in total (the original rule: exactly ``max_words`` is kept).
 
+Conversations (OpenAI ``messages`` or ShareGPT ``conversations`` records, docs/conversations.md)
+are checked as the trainer checks them and written as OpenAI ``messages`` records, each user
+turn as ``INSTRUCTION ### Input: CONTEXT`` (what a chat client sends); a conversation is kept
+when all its turns hold at most ``--max_words`` words.
+
     python process_dataset.py                                  # from the Hugging Face hub
     python process_dataset.py --input datasets/sample_dolly.jsonl --output sample.json
+    python process_dataset.py --input chats.jsonl --output chats.json   # messages or ShareGPT
 
 Bad input is reported as one line on stderr (file, line or record, field) with exit code 1,
 and nothing is written: the whole input is validated first and the output is replaced
@@ -20,7 +26,8 @@ import os
 import sys
 from pathlib import Path
 
-from openalpaca.records import DataError, check_output, check_record, read_records, write_json_atomic
+from openalpaca.conversations import SYSTEM_MESSAGES, Conversation, as_messages, read_conversations
+from openalpaca.records import DataError, check_output, check_record, read_located, read_records, write_json_atomic
 
 HF_DATASET = "databricks/databricks-dolly-15k"
 DOLLY_FIELDS = ("instruction", "context", "response")
@@ -45,6 +52,32 @@ def load_hf_dolly() -> list[dict]:
             "download it and pass --input FILE (.jsonl, .json or .parquet)"
         ) from None
     return [check_record(r, f"{HF_DATASET}: record {i}", DOLLY_FIELDS) for i, r in enumerate(rows, start=1)]
+
+
+INPUT_FORMATS = ("auto", "dolly", "messages", "sharegpt")
+
+
+def input_format(path: Path, name: str) -> str:
+    """``name``, or for ``auto`` the format of the file's first record (dolly unless it has
+    ``messages`` or ``conversations``)."""
+    if name != "auto":
+        return name
+    first = read_located(path)[0][1]
+    if isinstance(first, dict):
+        for fmt, key in (("messages", "messages"), ("sharegpt", "conversations")):
+            if key in first:
+                return fmt
+    return "dolly"
+
+
+def conversation_words(conversation: Conversation) -> int:
+    return sum(len(text.split()) for ex in conversation for text in (ex.instruction, ex.input, ex.output))
+
+
+def to_messages(conversations: list[Conversation], max_words: int) -> tuple[list[dict], int]:
+    """Conversations as OpenAI ``messages`` records; return (kept records, number dropped as too long)."""
+    kept = [as_messages(c) for c in conversations if conversation_words(c) <= max_words]
+    return kept, len(conversations) - len(kept)
 
 
 def word_count(record: dict) -> int:
@@ -88,6 +121,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="Alpaca-format JSON list to write (default: %(default)s)",
     )
     parser.add_argument(
+        "--format",
+        choices=INPUT_FORMATS,
+        default="auto",
+        help="format of --input: dolly (instruction, context, response), messages (OpenAI) or sharegpt; "
+        "default: from the first record",
+    )
+    parser.add_argument(
+        "--system_message",
+        choices=SYSTEM_MESSAGES,
+        default="refuse",
+        help="a conversation's first-turn system message: refuse it (an error) or prepend it to the first "
+        "instruction (default: %(default)s)",
+    )
+    parser.add_argument(
         "--max_words",
         type=positive_int,
         default=2000,
@@ -102,8 +149,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         check_output(args.output)
-        records = read_dolly(args.input) if args.input else load_hf_dolly()
-        kept, dropped = to_alpaca(records, args.max_words)
+        fmt = input_format(args.input, args.format) if args.input else "dolly"
+        if fmt == "dolly":
+            records = read_dolly(args.input) if args.input else load_hf_dolly()
+            kept, dropped = to_alpaca(records, args.max_words)
+        else:
+            records = read_conversations(args.input, fmt, args.system_message)[1]
+            kept, dropped = to_messages(records, args.max_words)
         try:
             write_json_atomic(kept, args.output)
         except OSError as exc:
@@ -112,8 +164,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     source = args.input or HF_DATASET
+    what = "records" if fmt == "dolly" else f"conversations ({fmt})"
     print(
-        f"read {len(records)} records from {source}; kept {len(kept)}, "
+        f"read {len(records)} {what} from {source}; kept {len(kept)}, "
         f"dropped {dropped} longer than {args.max_words} words; wrote {args.output}"
     )
     return 0

@@ -1,4 +1,4 @@
-"""Supervised fine-tuning of OpenLLaMA on Alpaca-format data with DeepSpeed ZeRO-3.
+"""Supervised fine-tuning of OpenLLaMA on Alpaca-format data or conversations with DeepSpeed ZeRO-3.
 
 Launched by ``scripts/train_sft.sh`` (the DeepSpeed launcher, any number of GPUs or CPU ranks);
 ``python train_sft.py ...`` alone runs one process. Every problem with the config, the data or
@@ -30,7 +30,7 @@ from model.attention import attention_implementation
 from model.llama import ModelPathError, check_model_folder, load_model, load_tokenizer, save_model_metadata
 from openalpaca.batching import Batching, token_counts
 from openalpaca.config import ConfigError, TrainConfig, load_config, load_ds_config, resolve_ds_config
-from openalpaca.data import SFTDataset, micro_batches, read_alpaca, split_records, total_steps
+from openalpaca.data import SFTDataset, micro_batches, read_training_data, split_records, total_steps
 from openalpaca.distributed import init_distributed
 from openalpaca.loss import num_targets, sft_ce_sum
 from openalpaca.metrics import MetricsLogger, plot_losses
@@ -83,8 +83,9 @@ def prepare(cfg: TrainConfig, world_size: int) -> Prepared:
     raw_ds = load_ds_config(cfg.ds_config)
     check_model_folder(cfg.model_path)
     check_save_path(cfg.save_path)
-    records = read_alpaca(cfg.data_path)
-    eval_records = read_alpaca(cfg.eval_data_path) if cfg.eval_data_path else []
+    records = read_training_data(cfg.data_path, cfg.data_format, cfg.system_message)
+    eval_records = (read_training_data(cfg.eval_data_path, cfg.data_format, cfg.system_message)
+                    if cfg.eval_data_path else [])
     if not cfg.eval_data_path and cfg.eval_ratio > 0:
         records, eval_records = split_records(records, cfg.eval_ratio, cfg.seed)
     tokenizer = load_tokenizer(cfg.model_path)

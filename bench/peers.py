@@ -5,6 +5,7 @@ several minutes a repeat on 2 idle cores, three start-ups and three trainings, f
 machine)::
 
     .venv/bin/python bench/peers.py [--steps 6] [--repeats 3] [--work_dir DIR]
+    .venv/bin/python bench/peers.py --conversations      # multi-turn conversations, every answer supervised
 
 Three trainers, the same job: a random-init LLaMA (bench/throughput.py's: hidden 256, 4 layers,
 8 heads, MLP 1024, its own ~2 k-piece sentencepiece BPE vocabulary), ``steps x batch_size``
@@ -36,6 +37,13 @@ recipe's has other targets), and the held-out loss: the saved weights of every r
 plain transformers, scored by one function on the same held-out records and the same supervised
 tokens (each record's response and its eos after the prompt its layout's inference feeds).
 Ratios against TRL are medians of each repeat's ratio. The last line is JSON.
+
+``--conversations``: the samples are bench/throughput.py's conversations (1 to 4 exchanges, OpenAI
+``messages`` records, read by the project's trainer as such). TRL gets the fast recipe's ids of
+each conversation with a completion mask over every answer: the tokens TRL's assistant-only loss
+trains (its ``assistant_only_loss`` needs generation markers in a chat template; the recipe keeps
+one template, and pre-tokenized rows give TRL exactly the supervised positions). The held-out loss
+scores every answer of each held-out conversation, after the earlier turns, as inference feeds them.
 """
 
 from __future__ import annotations
@@ -92,6 +100,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="training precision (default: bf16 on a GPU, fp32 on CPU)")
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {', '.join(MODES)}")
     parser.add_argument("--work_dir", default="", help="keep data, models and checkpoints here (default: a temp dir)")
+    parser.add_argument("--conversations", action="store_true",
+                        help="multi-turn conversations (1 to 4 exchanges) instead of single records")
     args = parser.parse_args(argv)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     problems = [f"--modes: unknown mode {m!r} (choose from {', '.join(MODES)})" for m in modes if m not in MODES]
@@ -114,18 +124,33 @@ def _gpu_count() -> int:
 # ---------------------------------------------------------------------------- the job
 
 
-def fitting_records(count: int, max_length: int, tokenizer, seed: int = 0) -> list[dict[str, str]]:
-    """``count`` dolly-like records whose clean sample fits ``max_length`` (no recipe truncates, so
-    every recipe trains the same records whole)."""
-    from throughput import dolly_like_records
+def generated(count: int, conversations: bool, seed: int = 0) -> list[dict]:
+    from throughput import conversation_records, dolly_like_records
 
-    from openalpaca.prompts import SampleFormat, encode_sample
+    return conversation_records(count, seed) if conversations else dolly_like_records(count, seed)
+
+
+def exchanges(record: dict) -> tuple:
+    """A generated record (Alpaca or ``messages``) as the conversation the trainer reads it as."""
+    from openalpaca.conversations import to_exchanges
+    from openalpaca.data import as_conversation
+
+    if "messages" not in record:
+        return as_conversation(record)
+    return to_exchanges([("", m["role"], m["content"]) for m in record["messages"]], "", "refuse")
+
+
+def fitting_records(count: int, max_length: int, tokenizer, seed: int = 0, conversations: bool = False) -> list[dict]:
+    """``count`` generated records whose clean sample fits ``max_length`` (no recipe truncates, so
+    every recipe trains the same records whole)."""
+    from openalpaca.prompts import SampleFormat, encode_conversation
 
     fmt = SampleFormat("clean", "keep_prompt", False)
-    kept: list[dict[str, str]] = []
-    for rec in dolly_like_records(2 * count + 64, seed):
-        # The original layout adds two tokens; leave room so it too fits whole.
-        sample = encode_sample(tokenizer, rec["instruction"], rec["input"], rec["output"], max_length - 2, fmt)
+    kept: list[dict] = []
+    for rec in generated(2 * count + 64, conversations, seed):
+        # The original layout adds two tokens per exchange; leave room so it too fits whole.
+        n = len(exchanges(rec))
+        sample = encode_conversation(tokenizer, exchanges(rec), max_length - 2 * n, fmt)
         if sample is not None and not sample.truncated:
             kept.append(rec)
         if len(kept) == count:
@@ -135,7 +160,6 @@ def fitting_records(count: int, max_length: int, tokenizer, seed: int = 0) -> li
 
 def build(work: Path, args: argparse.Namespace) -> dict:
     """Tokenizer, model, training data, held-out records and TRL's pre-tokenized rows, in ``work``."""
-    from throughput import dolly_like_records
     from transformers import LlamaForCausalLM
 
     from demo.tiny import llama_config, tokenizer_vocab_size, train_tokenizer, write_tiny_llama
@@ -145,14 +169,16 @@ def build(work: Path, args: argparse.Namespace) -> dict:
     n_train = args.steps * args.batch_size
     model = work / "model"
     # The tokenizer sees the generator's vocabulary (its pseudo-words), never the held-out records.
-    train_tokenizer([" ".join(r.values()) for r in dolly_like_records(n_train)], model, vocab_size=args.vocab_size)
+    texts = [" ".join(ex.instruction + " " + ex.input + " " + ex.output for ex in exchanges(r))
+             for r in generated(n_train, args.conversations)]
+    train_tokenizer(texts, model, vocab_size=args.vocab_size)
     write_hf_tokenizer(model, "clean")  # AutoTokenizer (TRL's processing_class) gives sentencepiece's ids
     config = llama_config(tokenizer_vocab_size(model), hidden_size=args.hidden_size, num_layers=args.num_layers,
                           num_heads=args.num_heads, intermediate_size=args.intermediate_size,
                           max_position_embeddings=args.max_length)
     write_tiny_llama(model, config)
     tokenizer = load_tokenizer(model)
-    records = fitting_records(n_train + args.heldout, args.max_length, tokenizer)
+    records = fitting_records(n_train + args.heldout, args.max_length, tokenizer, conversations=args.conversations)
     train, heldout = records[:n_train], records[n_train:]
     data = work / "data.json"
     data.write_text(json.dumps(train))
@@ -164,14 +190,15 @@ def build(work: Path, args: argparse.Namespace) -> dict:
             "tokenizer": tokenizer, "params": params}
 
 
-def trl_rows(records: list[dict[str, str]], tokenizer, max_length: int) -> list[dict[str, list[int]]]:
+def trl_rows(records: list[dict], tokenizer, max_length: int) -> list[dict[str, list[int]]]:
     """TRL's pre-tokenized samples: the fast recipe's ids (its SFTDataset) as ``input_ids`` and
-    ``completion_mask``, checked to give back exactly its labels by TRL's rule (id where the mask
-    is 1, else -100)."""
+    ``completion_mask`` (for a conversation, over every answer), checked to give back exactly its
+    labels by TRL's rule (id where the mask is 1, else -100)."""
     from openalpaca.data import SFTDataset
     from openalpaca.prompts import IGNORE_INDEX, SampleFormat
 
-    dataset = SFTDataset.from_records(records, tokenizer, max_length, SampleFormat("clean", "keep_prompt", False))
+    dataset = SFTDataset.from_records([exchanges(r) for r in records], tokenizer, max_length,
+                                      SampleFormat("clean", "keep_prompt", False))
     if len(dataset) != len(records):
         raise SystemExit(f"error: {len(records) - len(dataset)} records do not fit max_length {max_length}")
     rows = []
@@ -286,30 +313,34 @@ def export_ours(save: Path) -> Path:
 # ---------------------------------------------------------------------------- evaluation
 
 
-def heldout_loss(folder: Path, layout: str, records: list[dict[str, str]], tokenizer) -> float:
+def heldout_loss(folder: Path, layout: str, records: list[dict], tokenizer) -> float:
     """Mean cross-entropy per supervised token of the held-out records, one way for every run.
 
     The weights are loaded with plain transformers (fp32, SDPA, every token attended, as
-    inference runs). Each record is scored on the same tokens, its response's ids and the eos,
-    after the prompt its model's layout feeds at inference (``openalpaca.prompts.prompt_ids``; the
-    original layout's answer then starts with a bos, given to it as context).
+    inference runs). Each answer is scored on the same tokens, its ids and the eos, after the
+    prompt its model's layout feeds at inference (``openalpaca.prompts.prompt_ids``, a
+    conversation's earlier exchanges first; the original layout's answer then starts with a bos,
+    given to it as context). A conversation is one forward pass over its ids
+    (``conversation_ids``), whose prefix before each answer is that prompt.
     """
     import torch
     from transformers import LlamaForCausalLM
 
-    from openalpaca.prompts import BOS_ID, EOS_ID, encode_text, prompt_ids
+    from openalpaca.prompts import conversation_ids
 
     model = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa").eval()
     ce, count = 0.0, 0
     with torch.no_grad():
         for rec in records:
-            context = prompt_ids(tokenizer, rec["instruction"], rec["input"], layout)
-            context += [BOS_ID] if layout == "original" else []
-            target = encode_text(tokenizer, rec["output"]) + [EOS_ID]
-            ids = torch.tensor([context + target])
-            logits = model(input_ids=ids).logits[0, len(context) - 1:-1].float()
-            ce += torch.nn.functional.cross_entropy(logits, torch.tensor(target), reduction="sum").item()
-            count += len(target)
+            built = conversation_ids(tokenizer, exchanges(rec), layout)
+            ids = torch.tensor([built.input_ids])
+            logits = model(input_ids=ids).logits[0].float()
+            for span in built.spans:
+                first = span.answer_start + (1 if layout == "original" else 0)  # the answer's own bos is context
+                target = ids[0, first:span.end]
+                ce += torch.nn.functional.cross_entropy(logits[first - 1:span.end - 1], target,
+                                                        reduction="sum").item()
+                count += len(target)
     return ce / count
 
 
@@ -341,6 +372,7 @@ def report(runs: dict[str, list[dict]], args: argparse.Namespace, job: dict) -> 
             out[f"{mode}_vs_trl_tokens_per_s"] = round(statistics.median(a["tok_s"] / b["tok_s"] for a, b in paired), 3)
             out[f"{mode}_minus_trl_heldout_loss"] = round(
                 statistics.median(a["heldout_loss"] - b["heldout_loss"] for a, b in paired), 4)
+    out["data"] = "conversations" if args.conversations else "records"
     out.update({"steps": args.steps, "repeats": args.repeats, "batch_size": args.batch_size, "ranks": args.ranks,
                 "dtype": args.dtype, "device": "cuda" if on_gpu() else "cpu", "model_params": job["params"],
                 "max_tokens_per_micro_batch": args.max_tokens, "trl_micro_batch": job["trl_micro"],

@@ -3,6 +3,7 @@
 Usage (from anywhere; ~3-5 minutes on 2 cores)::
 
     .venv/bin/python bench/throughput.py [--samples 384] [--max_tokens 2048] [--repeats 1] [--work_dir DIR]
+    .venv/bin/python bench/throughput.py --conversations      # multi-turn conversations instead of records
 
 What runs: ``bash scripts/train_sft.sh --num_gpus 2`` (the DeepSpeed launcher, 2 CPU ranks,
 ``dsconfig/openllama.json``: ZeRO-3, AdamW), twice per repeat, on the same data, the same model
@@ -25,6 +26,10 @@ Tokens per second are ``supervised_tokens`` over it; padding_fraction is ``paddi
 tokens_processed`` of the packed run; micro-steps are per rank for the one epoch. Both modes run
 the fast recipe's data order and loss (``--epoch_tail pad --loss_weighting token``), so they
 train the same samples in every step.
+With ``--conversations`` every sample is a conversation (OpenAI ``messages`` records, read by the
+trainer as such): 1 to 4 exchanges (40/30/20/10%), each a shorter dolly-like exchange (instruction
+median 12 words, a context of median 60 in 35% of them, an answer of median 40), so sample lengths
+spread wider than single records'; every answer is supervised.
 With ``--repeats N`` the modes alternate and each mode's median is reported. The last line is JSON.
 """
 
@@ -80,24 +85,44 @@ def dolly_like_records(n: int, seed: int = 0) -> list[dict[str, str]]:
     ]
 
 
-def build(work: Path, samples: int) -> tuple[Path, Path, int, list[int]]:
+def conversation_records(n: int, seed: int = 0) -> list[dict[str, list[dict[str, str]]]]:
+    """OpenAI ``messages`` records of 1 to 4 exchanges (40/30/20/10%), each a shorter dolly-like one."""
+    rng = random.Random(seed)
+    words = pseudo_words(rng)
+
+    def text(median: float, sigma: float) -> str:
+        count = max(1, int(rng.lognormvariate(math.log(median), sigma)))
+        return " ".join(rng.choice(words) for _ in range(count))
+
+    records = []
+    for _ in range(n):
+        messages = []
+        for _ in range(rng.choices([1, 2, 3, 4], weights=[4, 3, 2, 1])[0]):
+            question = text(12, 0.5) + (f" ### Input: {text(60, 0.9)}" if rng.random() < 0.35 else "")
+            messages += [{"role": "user", "content": question}, {"role": "assistant", "content": text(40, 1.0)}]
+        records.append({"messages": messages})
+    return records
+
+
+def build(work: Path, samples: int, conversations: bool = False) -> tuple[Path, Path, int, list[int]]:
     """Write the data, the tokenizer and the model; returns their paths, parameter count, token lengths."""
     from transformers import LlamaForCausalLM
 
     from demo.tiny import llama_config, tokenizer_vocab_size, train_tokenizer, write_tiny_llama
     from model.llama import load_tokenizer
-    from openalpaca.data import SFTDataset
+    from openalpaca.data import SFTDataset, read_training_data
 
-    records = dolly_like_records(samples)
+    records = conversation_records(samples) if conversations else dolly_like_records(samples)
     data = work / "data.json"
     data.write_text(json.dumps(records))
     model = work / "model"
-    texts = [" ".join(r.values()) for r in records]
+    texts = ([" ".join(m["content"] for m in r["messages"]) for r in records] if conversations
+             else [" ".join(r.values()) for r in records])
     train_tokenizer(texts, model, vocab_size=2048)
     config = llama_config(tokenizer_vocab_size(model), max_position_embeddings=1024, **SHAPE)
     write_tiny_llama(model, config)
     params = sum(p.numel() for p in LlamaForCausalLM(config).parameters())
-    dataset = SFTDataset.from_records(records, load_tokenizer(model), 1024)
+    dataset = SFTDataset.from_records(read_training_data(data), load_tokenizer(model), 1024)
     return data, model, params, dataset.lengths
 
 
@@ -128,16 +153,19 @@ def main() -> None:
     parser.add_argument("--max_tokens", type=int, default=2048, help="packed mode's max_tokens_per_micro_batch")
     parser.add_argument("--repeats", type=int, default=1, help="runs per mode, alternating; medians are reported")
     parser.add_argument("--work_dir", default="", help="keep data, model and checkpoints here (default: a temp dir)")
+    parser.add_argument("--conversations", action="store_true",
+                        help="multi-turn conversations (1 to 4 exchanges) instead of single records")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="bench_throughput_") as tmp:
         work = Path(args.work_dir or tmp)
         work.mkdir(parents=True, exist_ok=True)
-        data, model, params, lengths = build(work, args.samples)
+        data, model, params, lengths = build(work, args.samples, args.conversations)
         ordered = sorted(lengths)
         print(f"model: LLaMA hidden {SHAPE['hidden_size']}, {SHAPE['num_layers']} layers, {SHAPE['num_heads']} heads, "
               f"MLP {SHAPE['intermediate_size']}, {params / 1e6:.2f} M parameters; ZeRO-3, 2 CPU ranks, 1 thread each")
-        print(f"data: {len(lengths)} samples, tokens mean {statistics.mean(lengths):.0f}, median "
+        kind = "conversations" if args.conversations else "records"
+        print(f"data: {len(lengths)} {kind}, tokens mean {statistics.mean(lengths):.0f}, median "
               f"{statistics.median(lengths):.0f}, p90 {ordered[int(0.9 * len(ordered))]}, max {ordered[-1]} "
               f"({sum(n == 1024 for n in lengths)} at max_length 1024)")
         print(f"load average at start: {os.getloadavg()[0]:.2f}")
@@ -159,6 +187,7 @@ def main() -> None:
     seed_tok_s, packed_tok_s = med("seed", "tok_s"), med("packed", "tok_s")
     packed = runs["packed"][0]
     print(json.dumps({
+        "data": "conversations" if args.conversations else "records",
         "seed_tokens_per_s": round(seed_tok_s, 1),
         "packed_tokens_per_s": round(packed_tok_s, 1),
         "speedup": round(packed_tok_s / seed_tok_s, 3),

@@ -5,7 +5,10 @@
           like ``openllama_ckpt/``.
 ``eval``  scores held-out exact match with greedy decoding through ``openalpaca.generate``
           (the inference code path, the training prompt), for the base model and the
-          fine-tuned one, and ends with ``held-out exact match: X (before training: Y)``.
+          fine-tuned one, and ends with ``held-out exact match: X (before training: Y)``;
+          with held-out conversations, the second turns' exact match comes on the line before.
+          ``--report FILE`` also writes the figures as JSON.
+``check`` fails (one line, exit 1) when a report's figures are below the given floors (CI).
 
 Everything else in ``scripts/demo.sh`` is the real pipeline, unchanged.
 """
@@ -13,16 +16,18 @@ Everything else in ``scripts/demo.sh`` is the real pipeline, unchanged.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from demo import synthetic
-from demo.evaluate import greedy_predictions
+from demo.evaluate import greedy_predictions, second_turn_predictions
 from demo.tiny import llama_config, tokenizer_vocab_size, train_tokenizer, write_tiny_llama
 from model.export import trained_layout
 from model.llama import load_model, load_tokenizer
+from openalpaca.records import write_json_atomic
 
 
 def make_base(out_dir: Path, hidden_size: int, num_layers: int, num_heads: int, vocab_size: int, seed: int) -> None:
@@ -40,8 +45,19 @@ def predict(model_path: Path, records: Sequence[dict], batch_size: int, max_new_
                               layout)
 
 
+def predict_second_turns(model_path: Path, chats: Sequence[dict], batch_size: int, max_new_tokens: int,
+                         layout: str) -> list[str]:
+    return second_turn_predictions(load_model(model_path), load_tokenizer(model_path), chats, batch_size,
+                                   max_new_tokens, layout)
+
+
+def second_turn_records(chats: Sequence[dict]) -> list[dict[str, str]]:
+    """What ``synthetic.score`` reads: each conversation's category and its second answer."""
+    return [{"category": c["category"], "response": c["messages"][3]["content"]} for c in chats]
+
+
 def evaluate(base: Path, trained: Path, heldout: Path, batch_size: int, max_new_tokens: int, show: int,
-             started_at: float | None = None) -> None:
+             started_at: float | None = None, heldout_chats: Path | None = None, report: Path | None = None) -> None:
     records = synthetic.read_jsonl(heldout)
     layout = trained_layout(trained)  # the base model is asked in the same layout
     before, _ = synthetic.score(records, predict(base, records, batch_size, max_new_tokens, layout))
@@ -52,12 +68,51 @@ def evaluate(base: Path, trained: Path, heldout: Path, batch_size: int, max_new_
         mark = "ok " if synthetic.exact_match(prediction, record["response"]) else "BAD"
         print(f"{mark} {record['instruction']}{context} -> {prediction!r} (expected {record['response']!r})")
     counts = {task: sum(r["category"] == task for r in records) for task in per_task}
-    print(f"\n{'task':10s} {'n':>4s} {'exact match':>12s}")
+    if heldout_chats is not None:
+        chats = synthetic.read_jsonl(heldout_chats)
+        references = second_turn_records(chats)
+        chat_before, _ = synthetic.score(references, predict_second_turns(base, chats, batch_size, max_new_tokens,
+                                                                          layout))
+        answers = predict_second_turns(trained, chats, batch_size, max_new_tokens, layout)
+        chat_after, per_chat = synthetic.score(references, answers)
+        for chat, answer in list(zip(chats, answers, strict=True))[: max(1, show // 2)]:
+            m = [x["content"] for x in chat["messages"]]
+            mark = "ok " if synthetic.exact_match(answer, m[3]) else "BAD"
+            print(f"{mark} {m[0]} -> {m[1]!r}; {m[2]} -> {answer!r} (expected {m[3]!r})")
+        per_task.update({f"{task} (2nd)": v for task, v in per_chat.items()})
+        counts.update({f"{task} (2nd)": sum(c["category"] == task for c in chats) for task in per_chat})
+    print(f"\n{'task':20s} {'n':>4s} {'exact match':>12s}")
     for task in sorted(per_task):
-        print(f"{task:10s} {counts[task]:4d} {per_task[task]:12.2f}")
+        print(f"{task:20s} {counts[task]:4d} {per_task[task]:12.2f}")
+    figures = {"exact_match": after, "exact_match_before": before, "per_task": per_task}
+    if heldout_chats is not None:
+        figures.update(second_turn_exact_match=chat_after, second_turn_exact_match_before=chat_before)
     if started_at is not None:
-        print(f"demo wall time: {time.time() - started_at:.0f}s")
+        figures["wall_seconds"] = time.time() - started_at
+        print(f"demo wall time: {figures['wall_seconds']:.0f}s")
+    if report is not None:
+        write_json_atomic(figures, report)
+    if heldout_chats is not None:
+        print(f"held-out second-turn exact match: {chat_after:.2f} (before training: {chat_before:.2f})")
     print(f"held-out exact match: {after:.2f} (before training: {before:.2f})")
+
+
+def check(report: Path, floors: dict[str, float]) -> int:
+    """0 when every figure of ``report`` reaches its floor; else one line naming the first that does not."""
+    try:
+        figures = json.loads(report.read_text())
+    except (OSError, ValueError) as err:
+        print(f"error: {report}: not a readable report ({err})", file=sys.stderr)
+        return 1
+    for key, floor in floors.items():
+        if key not in figures:
+            print(f"error: {report}: no {key}", file=sys.stderr)
+            return 1
+        if round(figures[key], 2) < floor:
+            print(f"error: {report}: {key} {figures[key]:.2f} is below {floor:.2f}", file=sys.stderr)
+            return 1
+    print(f"{report}: " + ", ".join(f"{k} {figures[k]:.2f} >= {v:.2f}" for k, v in floors.items()))
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -78,13 +133,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     e.add_argument("--batch_size", type=int, default=64, help="prompts per generate call")
     e.add_argument("--max_new_tokens", type=int, default=24, help="longest answer, in tokens")
     e.add_argument("--show", type=int, default=8, help="sample generations to print")
+    e.add_argument("--heldout_chats", type=Path, default=None,
+                   help="held-out two-turn conversations (messages JSONL): second-turn exact match")
     e.add_argument("--started_at", type=float, default=None, help="unix time the demo started (prints wall time)")
+    e.add_argument("--report", type=Path, default=None, help="write the figures here as JSON")
+    c = sub.add_parser("check", help="exit 1 when a report's figures are below their floors (CI)")
+    c.add_argument("report", type=Path, help="the JSON that eval --report wrote")
+    c.add_argument("--exact_match", type=float, default=0.96, help="floor of the one-turn held-out exact match")
+    c.add_argument("--second_turn_exact_match", type=float, default=0.90,
+                   help="floor of the held-out second turns' exact match")
     args = parser.parse_args(argv)
+    if args.command == "check":
+        return check(args.report, {"exact_match": args.exact_match,
+                                   "second_turn_exact_match": args.second_turn_exact_match})
     if args.command == "base":
         make_base(args.out_dir, args.hidden_size, args.num_layers, args.num_heads, args.vocab_size, args.seed)
     else:
         evaluate(args.base, args.trained, args.heldout, args.batch_size, args.max_new_tokens, args.show,
-                 args.started_at)
+                 args.started_at, args.heldout_chats, args.report)
     return 0
 
 

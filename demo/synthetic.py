@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 from openalpaca.config import split_pairs
-from openalpaca.prompts import build_prompt
+from openalpaca.prompts import build_prompt, split_user_content, user_content
 
 # Distinct lower-case words of 3 to 8 letters; varied lengths make "longest word" meaningful.
 # Few words on purpose: every word's facts (its rank, length, upper-case twin) are learned
@@ -133,6 +133,26 @@ LIST_LENGTHS: dict[str, tuple[int, int]] = {
     "field": (2, 4),
 }
 REPEAT_TIMES = (2, 5)
+
+# Second turns: a conversation whose second question is about the first answer. The first turn is a
+# list task (its answer is a word list); the second asks for that answer in upper case, or for its
+# first word, so it can only be answered by reading the earlier turns. The phrasings are not in the
+# tokenizer's corpus (the tokenizer stays the one-turn demo's); short enough that every conversation
+# fits config/demo.yaml's max_length (a test checks).
+FOLLOW_UPS: dict[str, tuple[str, ...]] = {
+    "upper": (
+        "Write that in upper case.",
+        "Give it in capital letters.",
+        "Make that uppercase.",
+    ),
+    "first": (
+        "What is the first word of that?",
+        "Give only its first word.",
+        "What is its first word?",
+    ),
+}
+CHAT_FIRST_TASKS: tuple[str, ...] = ("reverse", "sort")
+CHAT_TASKS: tuple[str, ...] = tuple(f"{task}+{kind}" for task in CHAT_FIRST_TASKS for kind in FOLLOW_UPS)
 
 Record = dict[str, str]
 Slots = tuple[tuple[str, str], ...]
@@ -366,6 +386,65 @@ def make_split(
     return records
 
 
+def follow_up_answer(kind: str, answer: str) -> str:
+    """The second answer: the first answer in upper case, or its first word.
+
+    >>> follow_up_answer("upper", "cat fox"), follow_up_answer("first", "cat fox")
+    ('CAT FOX', 'cat')
+    """
+    return answer.upper() if kind == "upper" else answer.split(" ")[0]
+
+
+def make_chats(n: int, split: str, seed: int = 0, weights: Mapping[str, float] | None = None) -> list[dict]:
+    """``n`` two-turn conversations (OpenAI ``messages`` records with a ``category`` such as
+    ``"sort+upper"``), a mix of ``CHAT_TASKS`` (even, or by ``weights``), shuffled, deterministic
+    for ``seed``.
+
+    A conversation belongs to the split of its first turn's item (``split_of``), so a held-out
+    conversation opens with a question never trained on in either form; held-out conversations
+    are distinct (first item, second-turn kind) pairs.
+    """
+    if split not in ("train", "heldout"):
+        raise ValueError(f"split must be 'train' or 'heldout', not {split!r}")
+    rng = random.Random(f"{seed}:{split}:chats")
+    chats: list[dict] = []
+    unknown = set(weights or {}) - set(CHAT_TASKS)
+    if unknown:
+        raise ValueError(f"unknown conversation tasks: {sorted(unknown)}")
+    for task, count in _task_counts(n, list(CHAT_TASKS), weights).items():
+        first, kind = task.split("+")
+        seen: set[tuple] = set()
+        kept, attempts = 0, 0
+        while kept < count:
+            attempts += 1
+            if attempts > 1000 * (count + 10):
+                raise ValueError(f"cannot draw {count} distinct {split} conversations of {task!r}")
+            record = _make_record(first, rng)
+            key = (item_key(record), kind)
+            if _bucket(key[0]) != split or (split == "heldout" and key in seen):
+                continue
+            seen.add(key)
+            messages = [("user", user_content(record["instruction"], record["context"])),
+                        ("assistant", record["response"]), ("user", rng.choice(FOLLOW_UPS[kind])),
+                        ("assistant", follow_up_answer(kind, record["response"]))]
+            chats.append({"messages": [{"role": r, "content": c} for r, c in messages], "category": task})
+            kept += 1
+    rng.shuffle(chats)
+    return chats
+
+
+def first_turn(chat: Mapping) -> Record:
+    """A conversation's first turn as a dolly record (its category the first task)."""
+    instruction, context = split_user_content(chat["messages"][0]["content"])
+    return {"instruction": instruction, "context": context, "response": chat["messages"][1]["content"],
+            "category": chat["category"].split("+")[0]}
+
+
+def chat_split_of(chat: Mapping) -> str:
+    """The split of a conversation: its first turn's."""
+    return split_of(first_turn(chat))
+
+
 def write_jsonl(records: Iterable[Mapping[str, str]], path: str | Path) -> Path:
     """One JSON object per line, the format ``process_dataset.py --input`` reads."""
     path = Path(path)
@@ -451,18 +530,20 @@ def score(records: Sequence[Mapping[str, str]], predictions: Sequence[str]) -> t
     return sum(hits.values()) / len(records), per_task
 
 
-def parse_weights(text: str) -> dict[str, float]:
+def parse_weights(text: str, tasks: Sequence[str] = TASKS) -> dict[str, float]:
     """``"sort=2,nth=1.5"`` -> ``{"sort": 2.0, "nth": 1.5}``; tasks not named weigh 1.
 
     >>> parse_weights("add=2.5, count=0.5")
     {'add': 2.5, 'count': 0.5}
+    >>> parse_weights("sort+upper=2", CHAT_TASKS)
+    {'sort+upper': 2.0}
     >>> parse_weights("")
     {}
     """
     weights = {}
     for item, task, _, value in split_pairs(text):
-        if task not in TASKS or not re.fullmatch(r"\d+(\.\d*)?|\.\d+", value):
-            raise ValueError(f"task weight {item!r}: want TASK=NUMBER with TASK one of {', '.join(TASKS)}")
+        if task not in tasks or not re.fullmatch(r"\d+(\.\d*)?|\.\d+", value):
+            raise ValueError(f"task weight {item!r}: want TASK=NUMBER with TASK one of {', '.join(tasks)}")
         weights[task] = float(value)
     return weights
 
@@ -474,12 +555,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--n_heldout", type=int, default=270)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--weights", default="", help='train task mix, e.g. "add=2,count=0.5" (others weigh 1)')
+    parser.add_argument("--n_chats", type=int, default=0, help="two-turn train conversations (chats.jsonl)")
+    parser.add_argument("--n_heldout_chats", type=int, default=0, help="held-out conversations (heldout_chats.jsonl)")
+    parser.add_argument("--chat_weights", default="", help='train conversation mix, e.g. "sort+upper=2"')
     args = parser.parse_args(argv)
     train = make_split(args.n_train, "train", args.seed, weights=parse_weights(args.weights))
     heldout = make_split(args.n_heldout, "heldout", args.seed)
     write_jsonl(train, args.out_dir / "train.jsonl")
     write_jsonl(heldout, args.out_dir / "heldout.jsonl")
     print(f"wrote {len(train)} train and {len(heldout)} held-out records to {args.out_dir}")
+    if args.n_chats or args.n_heldout_chats:
+        chats = make_chats(args.n_chats, "train", args.seed, parse_weights(args.chat_weights, CHAT_TASKS))
+        heldout_chats = make_chats(args.n_heldout_chats, "heldout", args.seed)
+        write_jsonl(chats, args.out_dir / "chats.jsonl")
+        write_jsonl(heldout_chats, args.out_dir / "heldout_chats.jsonl")
+        print(f"wrote {len(chats)} train and {len(heldout_chats)} held-out two-turn conversations "
+              f"({', '.join(CHAT_TASKS)})")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from openalpaca.conversations import check_choices
 from openalpaca.data import EPOCH_TAILS, WEIGHTINGS
 from openalpaca.prompts import SampleFormat
 
@@ -35,6 +36,9 @@ class TrainConfig:
     # where things are (the seed's three flags)
     model_path: str = "./openllama_ckpt"
     data_path: str = "./openalpaca.json"
+    # the data files' format (openalpaca/conversations.py): auto reads it from the first record
+    data_format: str = "auto"  # auto | alpaca | messages (OpenAI) | sharegpt
+    system_message: str = "refuse"  # a conversation's system message: refuse (an error) | prepend (to turn 1)
     save_path: str = "./ckpt/openalpaca"
     ds_config: str = "dsconfig/openllama.json"
     # the seed's hyper-parameters
@@ -68,7 +72,7 @@ class TrainConfig:
     max_tokens_per_micro_batch: int = 0  # token budget of a packed row; 0: max_length
     # evaluation: a held-out split of data_path, or a file of its own
     eval_ratio: float = 0.0  # share of data_path held out for eval loss (seeded)
-    eval_data_path: str = ""  # Alpaca-format eval file; wins over eval_ratio
+    eval_data_path: str = ""  # eval file (any data_format); wins over eval_ratio
     eval_steps: int = 0  # eval loss every N optimizer steps; 0: at the end only
     # LoRA (peft): r 0 is a full fine-tune. In YAML: `lora: {r: 8, alpha: 16, dropout: 0.05,
     # target_modules: [q_proj, v_proj]}`; on the command line: --lora_r 8 ...
@@ -105,10 +109,11 @@ class TrainConfig:
                 problems.append(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if not 0 <= self.warmup_ratio < 1:
             problems.append(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        try:
-            self.sample_format()
-        except ValueError as err:
-            problems.append(str(err))
+        for check in (self.sample_format, lambda: check_choices(self.data_format, self.system_message)):
+            try:
+                check()
+            except ValueError as err:
+                problems.append(str(err))
         if self.max_tokens_per_micro_batch < 0:
             problems.append(f"max_tokens_per_micro_batch must be >= 0, got {self.max_tokens_per_micro_batch}")
         elif self.max_tokens_per_micro_batch and not self.pack:
@@ -241,7 +246,17 @@ def _parse_bool(text: str) -> bool:
 
 HELP = {
     "model_path": "HF folder (or hub id) of the base model: config.json, weights, tokenizer.model",
-    "data_path": "Alpaca-format JSON list or JSONL (instruction, input, output)",
+    "data_path": "training data, JSON list or JSONL (or parquet): Alpaca records (instruction, input, output) or "
+                 "conversations (OpenAI messages, ShareGPT conversations); several files comma-separated; "
+                 "docs/conversations.md",
+    "data_format": "format of the data files: auto (each file's from its first record), alpaca, messages "
+                   "(OpenAI {messages: [{role, content}]}) or sharegpt ({conversations: [{from, value}]})",
+    "system_message": "a conversation's first-turn system message: refuse (stop with an error naming it) or "
+                      "prepend (put it before the first instruction, a blank line between)",
+    "loss_weighting": "sample: each sample (an Alpaca record or a whole conversation) weighs the same in a step; "
+                      "token: every supervised token weighs the same",
+    "truncation": "keep_end: the last max_length tokens (the original's); keep_prompt: cut the end of the answer "
+                  "that does not fit (a conversation drops the later turns that have no room)",
     "save_path": "where checkpoints, the tokenizer, configs and logs are written",
     "ds_config": "DeepSpeed JSON; its 'auto' values are filled from this config",
     "resume": "continue from the `latest` checkpoint in save_path",

@@ -1,4 +1,7 @@
-"""Alpaca records -> encoded samples -> the samples of each optimizer step -> micro-batches.
+"""Records -> encoded samples -> the samples of each optimizer step -> micro-batches.
+
+A record is an Alpaca record (one exchange) or a conversation (``openalpaca.conversations``); either
+way it is one sample: one slot of a step, one unit of ``loss_weighting: sample``.
 
 The data order is a pure function of ``(seed, step)``: each epoch's shuffle depends only on
 ``(seed, epoch)``, so a run resumed from a checkpoint that stored its step sees exactly the
@@ -14,15 +17,45 @@ from typing import Any
 
 import torch
 
-from openalpaca.prompts import BOS_ID, IGNORE_INDEX, PAD_ID, EncodedSample, SampleFormat, Tokenizer, encode_sample
+from openalpaca.conversations import ALPACA_FIELDS, Conversation, read_conversations
+from openalpaca.prompts import (
+    BOS_ID,
+    IGNORE_INDEX,
+    PAD_ID,
+    EncodedSample,
+    Exchange,
+    SampleFormat,
+    Tokenizer,
+    encode_conversation,
+)
 from openalpaca.records import DataError, read_records
-
-ALPACA_FIELDS = ("instruction", "input", "output")
 
 
 def read_alpaca(path: str | Path) -> list[dict[str, Any]]:
     """Alpaca-format training or eval records, validated (see ``openalpaca.records``)."""
     return read_records(path, ALPACA_FIELDS)
+
+
+def read_training_data(paths: str | Path, data_format: str = "auto",
+                       system_message: str = "refuse") -> list[Conversation]:
+    """Training or eval records of any format (``openalpaca.conversations``), as conversations.
+
+    ``paths`` may name several files, comma-separated (Alpaca records and conversations, say):
+    their records one after the other, each file's format its own (``auto``) or ``data_format``.
+    """
+    files = [p.strip() for p in str(paths).split(",") if p.strip()] if isinstance(paths, str) else [paths]
+    if not files:
+        raise DataError(f"no data file given ({paths!r})")
+    return [c for path in files for c in read_conversations(path, data_format, system_message)[1]]
+
+
+def as_conversation(record: dict[str, str] | Conversation) -> Conversation:
+    """An Alpaca record as a one-exchange conversation (its texts as they are); a conversation as is."""
+    if isinstance(record, dict):
+        return (Exchange(record["instruction"], record["input"], record["output"]),)
+    return tuple(record)
+
+
 PAD_SLOT = -1  # a plan slot that fills the last, partial optimizer step: it carries no loss
 
 
@@ -41,19 +74,23 @@ WEIGHTINGS = ("sample", "token")
 
 @dataclass
 class SFTDataset:
-    """Encoded samples, each with the index of its record in the data file (its sample id)."""
+    """Encoded samples, each with the index of its record in the data file (its sample id).
+
+    A record is an Alpaca record or a conversation (``encode_conversation``: its exchanges' samples
+    chained, every answer supervised); either is one sample.
+    """
 
     samples: list[EncodedSample]
     ids: list[int]
-    num_skipped: int  # records whose prompt leaves no room for a response token within max_length
+    num_skipped: int  # records whose (first) prompt leaves no room for a response token within max_length
     num_truncated: int
 
     @classmethod
-    def from_records(cls, records: list[dict[str, str]], tokenizer: Tokenizer, max_length: int,
+    def from_records(cls, records: list[dict[str, str]] | list[Conversation], tokenizer: Tokenizer, max_length: int,
                      fmt: SampleFormat = SampleFormat()) -> SFTDataset:
         samples, ids, skipped = [], [], 0
         for i, rec in enumerate(records):
-            sample = encode_sample(tokenizer, rec["instruction"], rec["input"], rec["output"], max_length, fmt)
+            sample = encode_conversation(tokenizer, as_conversation(rec), max_length, fmt)
             if sample is None:
                 skipped += 1
                 continue

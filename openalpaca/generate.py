@@ -2,7 +2,10 @@
 
 Every prompt is ``openalpaca.prompts.prompt_ids`` in the layout the model was trained with
 (``clean``: ``[1, P, 2, 1]``; ``original``: ``[1, 1, P, 2, 1]``, the seed README's snippet),
-cut to its last ``max_prompt_tokens`` as the snippet does. Batches are left-padded with
+cut to its last ``max_prompt_tokens`` as the snippet does. A question asked in a conversation
+comes after its earlier exchanges, each rendered as its training sample (the ids the model was
+trained on, and those the chat template gives); when they do not fit ``max_prompt_tokens`` the
+oldest exchanges are left out, whole. Batches are left-padded with
 ``PAD_ID`` and masked, so one forward pass serves a whole batch; a batch of one is exactly the
 snippet's call. Answers are cleaned as the snippet does: the ids up to the first eos, decoded
 with special tokens, ``<s>`` and ``</s>`` removed, stripped.
@@ -16,7 +19,7 @@ from typing import Any
 
 import torch
 
-from openalpaca.prompts import EOS_ID, PAD_ID, Tokenizer, prompt_ids
+from openalpaca.prompts import EOS_ID, PAD_ID, Exchange, Tokenizer, prompt_ids
 
 MAX_PROMPT_TOKENS = 1024  # the snippet's tokens[-1024:]
 
@@ -77,6 +80,18 @@ def clean_answer(tokenizer: Tokenizer, new_ids: Sequence[int]) -> str:
     return text.replace("<s>", "").replace("</s>", "").strip()
 
 
+def fitted_prompt_ids(tokenizer: Tokenizer, question: tuple[str, str], history: Sequence[Exchange], layout: str,
+                      max_prompt_tokens: int = 1024) -> list[int]:
+    """``prompt_ids`` of ``question`` after ``history``, the oldest exchanges left out until it fits
+    ``max_prompt_tokens``; a lone question longer than that keeps its last tokens (the snippet's cut)."""
+    history = list(history)
+    while True:
+        ids = prompt_ids(tokenizer, *question, layout, history=history)
+        if len(ids) <= max_prompt_tokens or not history:
+            return ids[-max_prompt_tokens:]
+        history.pop(0)
+
+
 @torch.no_grad()
 def generate(
     model: torch.nn.Module,
@@ -88,13 +103,20 @@ def generate(
     progress: Any = None,
     layout: str = "clean",
     max_prompt_tokens: int = MAX_PROMPT_TOKENS,
+    histories: Sequence[Sequence[Exchange]] | None = None,
 ) -> list[str]:
     """One answer per ``(instruction, input)``, in order (``clean_answer``).
 
-    Prompts are batched by similar length (less padding). ``streamer`` (a transformers
-    streamer) needs ``batch_size=1``; ``progress`` is called with the size of each finished batch.
+    ``histories`` (one per prompt) holds the answered exchanges that come before each question
+    in its conversation. Prompts are batched by similar length (less padding). ``streamer`` (a
+    transformers streamer) needs ``batch_size=1``; ``progress`` is called with the size of each
+    finished batch.
     """
-    ids = [prompt_ids(tokenizer, instruction, input, layout)[-max_prompt_tokens:] for instruction, input in prompts]
+    histories = histories if histories is not None else [()] * len(prompts)
+    if len(histories) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(histories)} histories")
+    ids = [fitted_prompt_ids(tokenizer, question, history, layout, max_prompt_tokens)
+           for question, history in zip(prompts, histories, strict=True)]
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     outputs = [""] * len(ids)
     device = next(model.parameters()).device

@@ -21,7 +21,7 @@ class DataError(Exception):
     """Bad input or an unusable output path; the message is shown to the user as is."""
 
 
-def _type_name(value: Any) -> str:
+def type_name(value: Any) -> str:
     """The JSON name of a value's type, which is what a user sees in their file."""
     if value is None:
         return "null"
@@ -38,7 +38,7 @@ def check_record(record: Any, where: str, fields: Sequence[str], optional: Seque
     ``optional`` fields may be missing (they read as ""), but must be strings when present.
     """
     if not isinstance(record, dict):
-        raise DataError(f"{where}: expected a JSON object, got {_type_name(record)}")
+        raise DataError(f"{where}: expected a JSON object, got {type_name(record)}")
     for field in optional:
         record.setdefault(field, "")
     for field in (*fields, *optional):
@@ -46,7 +46,7 @@ def check_record(record: Any, where: str, fields: Sequence[str], optional: Seque
             raise DataError(f"{where}: missing field '{field}'")
         if not isinstance(record[field], str):
             raise DataError(
-                f"{where}: field '{field}' must be a string, got {_type_name(record[field])}"
+                f"{where}: field '{field}' must be a string, got {type_name(record[field])}"
             )
     return record
 
@@ -86,7 +86,7 @@ def _read_json(path: Path, check: Callable[[Any, str], dict]) -> list[dict]:
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}: line {exc.lineno}: malformed JSON ({exc.msg})") from None
     if not isinstance(data, list):
-        raise DataError(f"{path}: top level must be a list of objects, got {_type_name(data)}")
+        raise DataError(f"{path}: top level must be a list of objects, got {type_name(data)}")
     return [check(r, f"{path}: record {i}") for i, r in enumerate(data, start=1)]
 
 
@@ -104,12 +104,9 @@ def _read_parquet(path: Path, check: Callable[[Any, str], dict]) -> list[dict]:
 READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".parquet": _read_parquet}
 
 
-def read_records(path: str | os.PathLike, fields: Sequence[str], optional: Sequence[str] = ()) -> list[dict]:
-    """Read and validate a local file of records (``.jsonl``, ``.json`` list or ``.parquet``).
-
-    Every record must be an object whose ``fields`` are strings (see ``check_record``); other
-    keys are kept. Errors name the file, the line (JSONL) or 1-based record, and the field.
-    """
+def read_located(path: str | os.PathLike) -> list[tuple[str, Any]]:
+    """Every record of a local file (``.jsonl``, ``.json`` list or ``.parquet``), unchecked, with
+    where it is (``"FILE: line N"`` or ``"FILE: record N"``), for a caller's own checks."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: no such file")
@@ -119,12 +116,21 @@ def read_records(path: str | os.PathLike, fields: Sequence[str], optional: Seque
     try:
         if path.stat().st_size == 0:
             raise DataError(f"{path}: file is empty")
-        records = reader(path, lambda record, where: check_record(record, where, fields, optional))
+        located = reader(path, lambda record, where: (where, record))
     except OSError as exc:
         raise DataError(f"{path}: cannot read ({exc.strerror})") from None
-    if not records:
+    if not located:
         raise DataError(f"{path}: no records found")
-    return records
+    return located
+
+
+def read_records(path: str | os.PathLike, fields: Sequence[str], optional: Sequence[str] = ()) -> list[dict]:
+    """Read and validate a local file of records (``.jsonl``, ``.json`` list or ``.parquet``).
+
+    Every record must be an object whose ``fields`` are strings (see ``check_record``); other
+    keys are kept. Errors name the file, the line (JSONL) or 1-based record, and the field.
+    """
+    return [check_record(record, where, fields, optional) for where, record in read_located(path)]
 
 
 @contextlib.contextmanager

@@ -4,12 +4,15 @@
     scripts/chat.sh http://gpu-box:8000/v1           # any OpenAI-compatible server (vllm serve FOLDER too)
     scripts/chat.sh ./ckpt/openalpaca                # starts scripts/serve.sh for the folder, then the page
 
-The page is at http://127.0.0.1:7860 (``--host``/``--port``). Answers stream in. Each question is
-answered on its own, as the model was trained: one instruction, and the optional input sent in
-the same user message as ``INSTRUCTION ### Input: CONTEXT`` (the chat template's convention).
-Sampling defaults are the original's: temperature 1, top-p 0.9, 128 new tokens, and top-k 50 from
-the model folder's ``generation_config.json`` (the server applies it; temperature 0 is greedy).
-When the server cannot be reached the page says so, with the command that starts one.
+The page is at http://127.0.0.1:7860 (``--host``/``--port``). Answers stream in. It is a
+conversation: each question is sent with the conversation so far (its questions, each with the
+input it was asked with, and the answers shown), which the model folder's chat template renders as
+the model was trained on conversations (docs/conversations.md); clearing the chat starts a new one.
+The optional input goes in the same user message as ``INSTRUCTION ### Input: CONTEXT`` (the chat
+template's convention). Sampling defaults are the original's: temperature 1, top-p 0.9, 128 new
+tokens, and top-k 50 from the model folder's ``generation_config.json`` (the server applies it;
+temperature 0 is greedy). When the server cannot be reached the page says so, with the command
+that starts one.
 """
 
 from __future__ import annotations
@@ -49,6 +52,51 @@ def user_message(instruction: str, context: str) -> str:
     return f"{instruction} {INPUT_MARK} {context}" if context else instruction
 
 
+def message_text(content) -> str:
+    """The text of a chat message's content: a string, or gradio's list of text parts.
+
+    >>> message_text("red fig"), message_text([{"type": "text", "text": "red "}, {"type": "text", "text": "fig"}])
+    ('red fig', 'red fig')
+    """
+    if isinstance(content, str):
+        return content
+    return "".join(part.get("text", "") for part in content if isinstance(part, dict) and part.get("type") == "text")
+
+
+def conversation(history: list[dict], sent: list[list[str]], instruction: str,
+                 context: str) -> tuple[list[dict], list[list[str]]]:
+    """The OpenAI ``messages`` for a question asked after the page's ``history``, and the new record
+    of what was sent.
+
+    The page shows a question as typed; ``sent`` holds ``[shown, sent]`` for each earlier question,
+    so a question asked with an input goes back with it. An entry that no longer matches the
+    history (the chat was cleared, a turn undone or retried) is dropped, and that question goes
+    back as shown.
+
+    >>> history = [{"role": "user", "content": [{"type": "text", "text": "Sort."}]},
+    ...            {"role": "assistant", "content": [{"type": "text", "text": "a b"}]}]
+    >>> messages, sent = conversation(history, [["Sort.", "Sort. ### Input: b a"]], "Upper case.", "")
+    >>> [m["content"] for m in messages]
+    ['Sort. ### Input: b a', 'a b', 'Upper case.']
+    >>> sent
+    [['Sort.', 'Sort. ### Input: b a'], ['Upper case.', 'Upper case.']]
+    >>> [m["content"] for m in conversation([], [["Sort.", "Sort. ### Input: b a"]], "Hi.", "")[0]]
+    ['Hi.']
+    """
+    messages, kept = [], []
+    for turn in history:
+        text = message_text(turn.get("content", ""))
+        if turn.get("role") == "user":
+            n = len(kept)
+            full = sent[n][1] if n < len(sent) and sent[n][0] == text else text
+            kept.append([text, full])
+            messages.append({"role": "user", "content": full})
+        elif turn.get("role") == "assistant":
+            messages.append({"role": "assistant", "content": text})
+    question = user_message(instruction, context)
+    return [*messages, {"role": "user", "content": question}], [*kept, [instruction, question]]
+
+
 def api_url(target: str) -> str:
     """An OpenAI base URL from what a user types (``http://host:8000`` or ``.../v1``).
 
@@ -75,16 +123,20 @@ class Answerer:
         return self.model
 
     def stream(self, instruction: str, context: str, temperature: float, top_p: float,
-               max_tokens: int) -> Iterator[str]:
-        """The answer so far, after each streamed chunk; a gradio error the page shows otherwise."""
+               max_tokens: int, history: list[dict] | None = None) -> Iterator[str]:
+        """The answer so far, after each streamed chunk; a gradio error the page shows otherwise.
+
+        ``history``: the OpenAI messages of the conversation so far, sent before the question.
+        """
         import gradio as gr
         import openai
 
         if not instruction.strip():
             raise gr.Error("Type an instruction first.")
+        messages = [*(history or []), {"role": "user", "content": user_message(instruction, context)}]
         try:
             chunks = self.client.chat.completions.create(
-                model=self.model_name(), messages=[{"role": "user", "content": user_message(instruction, context)}],
+                model=self.model_name(), messages=messages,
                 temperature=float(temperature), top_p=float(top_p), max_tokens=int(max_tokens), stream=True)
             text = ""
             for chunk in chunks:
@@ -107,8 +159,11 @@ def error_message(err) -> str:
 def build_page(answerer: Answerer, temperature: float, top_p: float, max_tokens: int):
     import gradio as gr
 
-    def answer(message: str, history: list, context: str, temperature: float, top_p: float, max_tokens: int):
-        yield from answerer.stream(message, context, temperature, top_p, max_tokens)
+    def answer(message: str, history: list, context: str, temperature: float, top_p: float, max_tokens: int,
+               sent: list | None):
+        messages, sent = conversation(history, sent or [], message, context)
+        for text in answerer.stream(message, context, temperature, top_p, max_tokens, history=messages[:-1]):
+            yield text, sent
 
     extra = [
         gr.Textbox(label="Input (optional)", lines=3, elem_id="context", render=False,
@@ -119,10 +174,14 @@ def build_page(answerer: Answerer, temperature: float, top_p: float, max_tokens:
         gr.Slider(1, 1024, value=max_tokens, step=1, label="Max new tokens", elem_id="max_tokens", render=False),
     ]
     with gr.Blocks(title="OpenAlpaca", analytics_enabled=False) as page:
-        gr.Markdown(f"## OpenAlpaca\nServer: `{answerer.base_url}`. Each question is answered on its own; "
-                    "top-k 50 comes from the model folder's generation_config.json.")
-        gr.ChatInterface(answer, additional_inputs=extra,
-                         additional_inputs_accordion=gr.Accordion("Input and sampling", open=True),
+        gr.Markdown(f"## OpenAlpaca\nServer: `{answerer.base_url}`. Each question is sent with the conversation "
+                    "so far; clear the chat to start a new one. Top-k 50 comes from the model folder's "
+                    "generation_config.json.")
+        sent = gr.State([])  # [shown, sent] of each question of the conversation (its input with it)
+        # The accordion is named, not built here: a gr.Accordion made inside the Blocks would be rendered
+        # where it is made (an empty panel) and again by ChatInterface around the inputs.
+        gr.ChatInterface(answer, additional_inputs=[*extra, sent], additional_outputs=[sent],
+                         additional_inputs_accordion="Input and sampling",
                          chatbot=gr.Chatbot(elem_id="answers", height=360),
                          textbox=gr.Textbox(elem_id="instruction", placeholder="an instruction", submit_btn=True))
     return page

@@ -232,25 +232,40 @@ def test_plain_transformers_with_the_folders_chat_template_answers_as_inference_
     assert plain == theirs == [expected[q] for q in COPY_QUESTIONS]
 
 
-def test_interactive_mode_streams_answers_and_takes_an_input(copy_model_dir, sp, expected, spy, capsys, monkeypatch):
-    """'INSTRUCTION ### Input: CONTEXT' gives a context; a bare line is an instruction alone; the
-    empty line quits (the line after it is never read)."""
+def conversation_ids(sp, history: list[tuple[str, str, str]], question: tuple[str, str]) -> list[int]:
+    """The clean layout's prompt after earlier exchanges, written out: each exchange's training
+    sample [1] + sp(prompt) + [2, 1] + sp(answer) + [2], then the question's prompt."""
+    ids = []
+    for instruction, input, answer in history:
+        ids += clean_ids(sp, instruction, input) + sp.encode(answer) + [2]
+    return ids + clean_ids(sp, *question)
+
+
+def test_interactive_mode_keeps_the_conversation_streams_and_takes_an_input(copy_model_dir, sp, expected, spy,
+                                                                            capsys, monkeypatch):
+    """'INSTRUCTION ### Input: CONTEXT' gives a context; a bare line is an instruction alone; each
+    question is asked after the conversation so far (its answers as generated); /reset starts a
+    new one; the empty line quits (the line after it is never read)."""
     import io
 
     import inference
 
     lines = ["Repeat the words. ### Input: red plum fig", "Say the first word. ### Input:  one two three ",
-             "Say the first word.", "", "Repeat the words. ### Input: kiwi"]
+             "/reset", "Say the first word.", "Repeat the words. ### Input: kiwi", "",
+             "Repeat the words. ### Input: kiwi"]
     monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(lines) + "\n"))
     assert inference.main(["--model_path", str(copy_model_dir), "--interactive", "--greedy",
                            "--max_new_tokens", str(NEW)]) == 0
     out = capsys.readouterr().out
-    asked = [COPY_QUESTIONS[0], COPY_QUESTIONS[1], COPY_QUESTIONS[5]]
-    assert [c["input_ids"] for c in spy] == [[clean_ids(sp, *q)] for q in asked]
-    answers = out.split("### Instruction: ")[1:]
-    assert len(answers) == 4  # three questions, then the empty line
-    for text, question in zip(answers, asked, strict=False):  # the last answer: the empty line's
-        assert text.strip() == expected[question]  # streamed, as the answer itself
+    asked = [COPY_QUESTIONS[0], COPY_QUESTIONS[1], COPY_QUESTIONS[5], COPY_QUESTIONS[2]]
+    streamed = [text.strip() for text in out.split("### Instruction: ")[1:]]
+    assert len(streamed) == 6  # four questions, /reset, then the empty line
+    assert streamed[2] == "(a new conversation)"
+    answers = streamed[:2] + streamed[3:5]
+    assert answers[0] == expected[COPY_QUESTIONS[0]]  # a first question is asked alone
+    histories = [[], [(*asked[0], answers[0])], [], [(*asked[2], answers[2])]]
+    assert [c["input_ids"] for c in spy] == [[conversation_ids(sp, h, q)] for h, q in zip(histories, asked,
+                                                                                          strict=True)]
     assert inference.split_question("Summarise. ### Input: a ### Input: b") == ("Summarise.", "a ### Input: b")
 
 

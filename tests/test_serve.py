@@ -2,8 +2,10 @@
 processes on localhost, on the prompt-sensitive copy model (tests/conftest.py).
 
 One server for the module: the answer tests compare it with ``inference.py --greedy`` (one run for
-every prompt) and count the prompt tokens against ids written out with sentencepiece; the bad
-requests each get a 4xx and the server answers the next one; headless Chromium asks the chat page.
+every prompt, and one interactive conversation) and count the prompt tokens against ids written
+out with sentencepiece; the bad requests each get a 4xx and the server answers the next one;
+headless Chromium asks the chat page, over the server and over a fake endpoint that records what
+the page sends.
 """
 
 from __future__ import annotations
@@ -20,6 +22,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from selenium.common.exceptions import TimeoutException
+from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
+from selenium.webdriver.support.ui import WebDriverWait
 
 from tests.conftest import REPO, clean_env, free_port, run
 
@@ -28,6 +34,7 @@ FIRST = "Say the first word."
 QUESTIONS = [(REPEAT, "red plum fig"), (FIRST, "one two three"), (FIRST, "")]
 CONCURRENT = [(REPEAT, words) for words in ("kiwi", "red plum", "fig lime date", "one two", "green mango",
                                             "blue white black", "apple", "pear grape")]
+CHAT = [(REPEAT, "red plum fig"), (FIRST, "one two three"), (REPEAT, "kiwi lime")]  # one conversation
 START_TIMEOUT_S = 180
 
 
@@ -41,6 +48,15 @@ def clean_ids(sp, instruction: str, context: str) -> list[int]:
     text = (f"### Input:\n{context}\n\n### Instruction:\n{instruction}\n\n### Response:" if context
             else f"### Instruction:\n{instruction}\n\n### Response:")
     return [1, *sp.encode(text), 2, 1]
+
+
+def chat_ids(sp, questions: list[tuple[str, str]], answers: list[str]) -> list[int]:
+    """A conversation's prompt in the clean layout, written out: each earlier exchange as its training
+    sample ([1] + sp(prompt) + [2, 1] + sp(answer) + [2]), then the last question's prompt."""
+    ids = []
+    for question, answer in zip(questions[:-1], answers, strict=True):
+        ids += clean_ids(sp, *question) + sp.encode(answer) + [2]
+    return ids + clean_ids(sp, *questions[-1])
 
 
 # ---------------------------------------------------------------- quick: the checks and helpers alone
@@ -139,9 +155,13 @@ def served(copy_model_dir, tmp_path_factory):
                       "--output_file", str(out), "--greedy", "--batch_size", "1"], timeout=240)
         assert result.returncode == 0, result.stderr
         reference = {(r["instruction"], r["input"]): r["generated"] for r in map(json.loads, out.open())}
+        result = run(["python", "inference.py", "--model_path", str(copy_model_dir), "--interactive", "--greedy"],
+                     input="".join(user_message(*q) + "\n" for q in CHAT), timeout=240)
+        assert result.returncode == 0, result.stderr
+        conversation = [text.strip() for text in result.stdout.split("### Instruction: ")[1:len(CHAT) + 1]]
         wait_until_up(f"http://127.0.0.1:{port}/health", proc, log)
         yield {"url": f"http://127.0.0.1:{port}/v1", "model": str(copy_model_dir), "reference": reference,
-               "proc": proc, "log": log}
+               "conversation": conversation, "proc": proc, "log": log}
     finally:
         stop(proc)
 
@@ -176,6 +196,23 @@ def test_greedy_answer_equals_inference_py_and_the_prompt_is_the_training_prompt
     reply = ask(client, served["model"], question)
     assert reply.choices[0].message.content == served["reference"][question]
     assert reply.usage.prompt_tokens == len(clean_ids(sp, *question))  # the template's ids, bos and all
+
+
+@pytest.mark.slow
+def test_multi_turn_answers_equal_inference_py_on_the_same_turns(served, client, sp):
+    """A conversation over the API (each answer sent back as the assistant's turn) gets, turn by turn,
+    the answers of ``inference.py --interactive`` on the same lines; the prompt is the conversation's
+    training ids, written out here."""
+    messages, answers = [], []
+    for k, question in enumerate(CHAT):
+        messages.append({"role": "user", "content": user_message(*question)})
+        reply = client.chat.completions.create(model=served["model"], messages=messages, temperature=0,
+                                               max_tokens=128)
+        answers.append(reply.choices[0].message.content)
+        assert reply.usage.prompt_tokens == len(chat_ids(sp, CHAT[: k + 1], answers[:k]))
+        messages.append({"role": "assistant", "content": answers[-1]})
+    assert answers == served["conversation"]
+    assert answers[0] == served["reference"][CHAT[0]]
 
 
 @pytest.mark.slow
@@ -279,44 +316,138 @@ def browser():
     driver.quit()
 
 
-@pytest.mark.slow
-def test_chat_page_shows_the_api_answer(served, client, browser, tmp_path):
-    from selenium.common.exceptions import TimeoutException
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.common.keys import Keys
-    from selenium.webdriver.support.ui import WebDriverWait
+def bot_answers(driver) -> list[str]:
+    return [b.text.strip() for b in driver.find_elements(By.CSS_SELECTOR, '#answers [data-testid="bot"]')]
 
-    question = QUESTIONS[0]
-    api_answer = ask(client, served["model"], question).choices[0].message.content
-    assert api_answer == served["reference"][question]
-    port, log = free_port(), tmp_path / "chat.log"
-    page = start(["bash", "scripts/chat.sh", served["url"], "--port", str(port), "--temperature", "0"], log)
+
+def page_idle(driver) -> bool:
+    trackers = driver.find_elements(By.CSS_SELECTOR, '#answers [data-testid="status-tracker"]')
+    return all("hide" in (t.get_attribute("class") or "") for t in trackers)
+
+
+def open_page(browser, url: str, log: Path, *flags: str) -> subprocess.Popen:
+    """scripts/chat.sh over ``url``, loaded in the browser; the caller stops it."""
+    port = free_port()
+    page = start(["bash", "scripts/chat.sh", url, "--port", str(port), *flags], log)
+    wait_until_up(f"http://127.0.0.1:{port}/", page, log)
+    browser.get(f"http://127.0.0.1:{port}/")
+    WebDriverWait(browser, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#instruction textarea"))
+    return page
+
+
+def type_into(field, text: str) -> None:
+    """Replace a field's text as a user would (``clear()`` sends no input event: the page would not see it)."""
+    field.send_keys(Keys.CONTROL, "a")
+    field.send_keys(Keys.DELETE)
+    if text:
+        field.send_keys(text)
+
+
+def ask_page(browser, question: tuple[str, str], want: str, log: Path) -> None:
+    """Type the input and the instruction, send, and wait until the page shows ``want`` as the last answer."""
+    type_into(browser.find_element(By.CSS_SELECTOR, "#context textarea"), question[1])
+    n = len(bot_answers(browser))
+    box = browser.find_element(By.CSS_SELECTOR, "#instruction textarea")
+    box.send_keys(question[0])
+    box.send_keys(Keys.ENTER)
     try:
-        wait_until_up(f"http://127.0.0.1:{port}/", page, log)
-        browser.get(f"http://127.0.0.1:{port}/")
-        wait = WebDriverWait(browser, 60)
-        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#instruction textarea"))
-        browser.find_element(By.CSS_SELECTOR, "#context textarea").send_keys(question[1])
-        box = browser.find_element(By.CSS_SELECTOR, "#instruction textarea")
-        box.send_keys(question[0])
-        box.send_keys(Keys.ENTER)
+        WebDriverWait(browser, 60).until(lambda d: len(bot_answers(d)) == n + 1 and bot_answers(d)[-1] == want
+                                         and page_idle(d))
+    except TimeoutException:
+        pytest.fail(f"the page shows {bot_answers(browser)}, expected {want!r} last\n{log.read_text()[-2000:]}")
 
-        def answer(d) -> str:
-            bots = d.find_elements(By.CSS_SELECTOR, '#answers [data-testid="bot"]')
-            return bots[-1].text.strip() if bots else ""
 
-        def idle(d) -> bool:
-            trackers = d.find_elements(By.CSS_SELECTOR, '#answers [data-testid="status-tracker"]')
-            return all("hide" in (t.get_attribute("class") or "") for t in trackers)
-
-        try:
-            wait.until(lambda d: answer(d) == api_answer and idle(d))
-        except TimeoutException:
-            pytest.fail(f"the page shows {answer(browser)!r}, the API answered {api_answer!r}\n"
-                        f"{log.read_text()[-2000:]}")
-        assert answer(browser) == api_answer
+@pytest.mark.slow
+def test_chat_page_shows_the_api_answers_of_a_conversation(served, client, browser, tmp_path):
+    """Two questions, each with its input: the page shows the answers the API gives to the same
+    conversation (the second one asked after the first question, its input and its answer)."""
+    api = served["conversation"][:2]
+    assert api[0] == ask(client, served["model"], CHAT[0]).choices[0].message.content
+    log = tmp_path / "chat.log"
+    page = open_page(browser, served["url"], log, "--temperature", "0")
+    try:
+        for question, want in zip(CHAT[:2], api, strict=True):
+            ask_page(browser, question, want, log)
+        assert bot_answers(browser) == api
     finally:
         stop(page)
+
+
+class FakeEndpoint:
+    """A tiny OpenAI-compatible server that records each chat request's body and streams "answer N"."""
+
+    def __init__(self):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        bodies = self.bodies = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def send(self, status: int, body: bytes, kind: str = "application/json") -> None:
+                self.send_response(status)
+                self.send_header("content-type", kind)
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self):
+                self.send(200, json.dumps({"object": "list", "data": [
+                    {"id": "fake", "object": "model", "created": 0, "owned_by": "test"}]}).encode())
+
+            def do_POST(self):
+                bodies.append(json.loads(self.rfile.read(int(self.headers["content-length"]))))
+                chunks = [{"content": f"answer {len(bodies)}"}, {}]
+                events = "".join("data: " + json.dumps({
+                    "id": "x", "object": "chat.completion.chunk", "created": 0, "model": "fake",
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": None if delta else "stop"}]}) + "\n\n"
+                    for delta in chunks) + "data: [DONE]\n\n"
+                self.send(200, events.encode(), "text/event-stream")
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def __enter__(self):
+        import threading
+
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.slow
+def test_chat_page_sends_the_input_the_sliders_and_the_history(browser, tmp_path):
+    """What the page sends, as a server receives it: the input with its instruction, the sliders'
+    values (changed on the page for the second question), and the conversation so far. The page shows
+    one "Input and sampling" panel, with the sliders in it (screenshot: page.png)."""
+    log = tmp_path / "chat.log"
+    with FakeEndpoint() as fake:
+        page = open_page(browser, fake.url, log, "--temperature", "0.3", "--top_p", "0.7", "--max_tokens", "42")
+        try:
+            browser.set_window_size(1280, 1400)
+            browser.save_screenshot(str(tmp_path / "page.png"))
+            assert (tmp_path / "page.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+            panels = [e for e in browser.find_elements(By.XPATH, "//*[normalize-space(text())='Input and sampling']")
+                      if e.is_displayed()]
+            assert len(panels) == 1, f"{len(panels)} 'Input and sampling' panels (screenshot: {tmp_path / 'page.png'})"
+            assert all(browser.find_element(By.CSS_SELECTOR, f"#{name}").is_displayed()
+                       for name in ("context", "temperature", "top_p", "max_tokens"))
+            ask_page(browser, CHAT[0], "answer 1", log)
+            tokens = browser.find_element(By.CSS_SELECTOR, "#max_tokens input[type=number]")
+            type_into(tokens, "17")
+            tokens.send_keys(Keys.TAB)
+            ask_page(browser, (FIRST, ""), "answer 2", log)
+        finally:
+            stop(page)
+    first = {"role": "user", "content": user_message(*CHAT[0])}
+    assert [b["messages"] for b in fake.bodies] == [
+        [first], [first, {"role": "assistant", "content": "answer 1"}, {"role": "user", "content": FIRST}]]
+    assert [(b["temperature"], b["top_p"], b["max_tokens"], b["stream"]) for b in fake.bodies] == [
+        (0.3, 0.7, 42, True), (0.3, 0.7, 17, True)]
 
 
 @pytest.mark.slow

@@ -308,3 +308,99 @@ def test_greedy_predictions_on_tiny_model(tokenizer, heldout: list[dict[str, str
     assert all(isinstance(p, str) for p in predictions)
     single = greedy_predictions(model, tokenizer, records[:1], batch_size=1, max_new_tokens=4)
     assert single[0] == predictions[0], "left padding must not change a prompt's completion"
+
+
+# ---------------------------------------------------------------- two-turn conversations
+
+
+@pytest.fixture(scope="module")
+def chats() -> list[dict]:
+    return synthetic.make_chats(120, "train", seed=3, weights={"sort+upper": 2})
+
+
+@pytest.fixture(scope="module")
+def heldout_chats() -> list[dict]:
+    return synthetic.make_chats(40, "heldout", seed=3)
+
+
+def test_chats_are_deterministic_and_split_by_their_first_turn(chats, heldout_chats, train) -> None:
+    assert synthetic.make_chats(120, "train", seed=3, weights={"sort+upper": 2}) == chats
+    assert synthetic.make_chats(120, "train", seed=4) != chats
+    assert {synthetic.chat_split_of(c) for c in chats} == {"train"}
+    assert {synthetic.chat_split_of(c) for c in heldout_chats} == {"heldout"}
+    # a held-out conversation opens with a question trained on nowhere, alone or in a conversation
+    trained = {synthetic.item_key(r) for r in train} | {synthetic.item_key(synthetic.first_turn(c)) for c in chats}
+    firsts = [(synthetic.item_key(synthetic.first_turn(c)), c["category"]) for c in heldout_chats]
+    assert not {key for key, _ in firsts} & trained and len(set(firsts)) == len(firsts)
+    counts = {t: sum(c["category"] == t for c in chats) for t in synthetic.CHAT_TASKS}
+    assert counts == {"reverse+upper": 24, "reverse+first": 24, "sort+upper": 48, "sort+first": 24}
+    assert {sum(c["category"] == t for c in heldout_chats) for t in synthetic.CHAT_TASKS} == {10}
+
+
+def test_chat_answers_are_right(chats, heldout_chats) -> None:
+    for chat in chats + heldout_chats:
+        assert [m["role"] for m in chat["messages"]] == ["user", "assistant", "user", "assistant"]
+        first, answer, second, follow = (m["content"] for m in chat["messages"])
+        task, kind = chat["category"].split("+")
+        instruction, context = first.split(" ### Input: ")
+        words = synthetic.list_words(context)
+        assert answer == " ".join(sorted(words) if task == "sort" else reversed(words))
+        assert second in synthetic.FOLLOW_UPS[kind]
+        assert follow == (answer.upper() if kind == "upper" else answer.split()[0])
+
+
+def test_chats_read_as_conversations_and_fit_the_demos_max_length(tmp_path, chats, heldout_chats) -> None:
+    """The trainer reads them as two exchanges each, and none is cut at config/demo.yaml's max_length."""
+    import yaml
+
+    from demo.tiny import train_tokenizer
+    from model.llama import load_tokenizer
+    from openalpaca.data import SFTDataset, read_training_data
+    from openalpaca.prompts import SampleFormat
+
+    train_tokenizer(synthetic.corpus_texts(), tmp_path / "tok", vocab_size=synthetic.TOKENIZER_VOCAB_SIZE)
+    path = synthetic.write_jsonl(chats + heldout_chats, tmp_path / "chats.jsonl")
+    records = read_training_data(path)
+    assert all(len(r) == 2 for r in records)
+    max_length = yaml.safe_load((Path(__file__).parents[1] / "config" / "demo.yaml").read_text())["max_length"]
+    ds = SFTDataset.from_records(records, load_tokenizer(tmp_path / "tok"), max_length, SampleFormat())
+    assert (len(ds), ds.num_truncated, ds.num_skipped) == (len(records), 0, 0)
+
+
+def test_second_turns_are_asked_after_the_first_exchange(tokenizer, heldout_chats, monkeypatch) -> None:
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from demo.evaluate import second_turn_predictions
+    from demo.tiny import llama_config
+    from openalpaca.prompts import Exchange, prompt_ids
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(llama_config(len(tokenizer), hidden_size=32, num_layers=2))
+    seen = []
+    real = model.generate
+    monkeypatch.setattr(model, "generate", lambda **kw: seen.append(kw["input_ids"][0].tolist()) or real(**kw))
+    chat = heldout_chats[0]
+    first, answer, second, _ = (m["content"] for m in chat["messages"])
+    assert len(second_turn_predictions(model, tokenizer, [chat], batch_size=1, max_new_tokens=2)) == 1
+    instruction, context = first.split(" ### Input: ")
+    assert seen == [prompt_ids(tokenizer, second, "", "clean", history=[Exchange(instruction, context, answer)])]
+
+
+def test_cli_writes_conversations(tmp_path: Path) -> None:
+    synthetic.main(["--out_dir", str(tmp_path), "--n_train", "4", "--n_heldout", "4", "--n_chats", "12",
+                    "--n_heldout_chats", "8", "--chat_weights", "sort+first=2", "--seed", "5"])
+    assert synthetic.read_jsonl(tmp_path / "chats.jsonl") == synthetic.make_chats(12, "train", 5, {"sort+first": 2})
+    assert synthetic.read_jsonl(tmp_path / "heldout_chats.jsonl") == synthetic.make_chats(8, "heldout", 5)
+
+
+def test_demo_check_fails_below_a_floor_with_one_line(tmp_path: Path, capsys) -> None:
+    from demo.__main__ import main
+
+    report = tmp_path / "eval.json"
+    report.write_text(json.dumps({"exact_match": 0.975, "second_turn_exact_match": 0.8875}))
+    assert main(["check", str(report)]) == 1
+    assert capsys.readouterr().err == f"error: {report}: second_turn_exact_match 0.89 is below 0.90\n"
+    assert main(["check", str(report), "--second_turn_exact_match", "0.85"]) == 0
+    assert main(["check", str(tmp_path / "none.json")]) == 1
+    assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'none.json'}: not a readable report")
