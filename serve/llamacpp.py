@@ -96,7 +96,8 @@ def build_app(path: str, host: str, port: int, threads: int | None = None, api_k
                          "export the model with scripts/export_gguf.sh")
     context = int(meta.get(f"{meta.get('general.architecture', 'llama')}.context_length", 2048))
     tokenizer = load_tokenizer(path, meta)
-    threads = threads or len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if threads is None:
+        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
     import llama_cpp.server.app as server_app
     from llama_cpp.server.settings import ModelSettings, ServerSettings
