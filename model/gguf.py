@@ -254,18 +254,27 @@ def _source_is_fp32(folder: Path) -> bool:
     return (config.get("dtype") or config.get("torch_dtype")) == "float32"
 
 
+GENERATION_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "do_sample", "top_k", "top_p", "max_new_tokens")
+
+
 def make_view(src: Path, view: Path, layout: str) -> None:
     """``src`` as the converter should read it: its files linked, the project's tokenizer files written
-    (exact tokenizer.json, the layout's chat template), ``generation_config.json`` the recipe's if it has none."""
+    (exact tokenizer.json, the layout's chat template), and a ``generation_config.json`` whose missing
+    sampling keys are the recipe's (a base model's has none; the trainer's folders have the recipe's)."""
+    from model.llama import generation_config
+
     view.mkdir()
     for path in src.iterdir():
-        if path.is_file() and path.name not in TOKENIZER_FILES:
+        if path.is_file() and path.name not in (*TOKENIZER_FILES, "generation_config.json"):
             (view / path.name).symlink_to(path.resolve())
     write_hf_tokenizer(src, layout, out_dir=view)
-    if not (view / "generation_config.json").exists():
-        from model.llama import generation_config
-
-        generation_config().save_pretrained(view)
+    try:
+        config = json.loads((src / "generation_config.json").read_text())
+    except (OSError, ValueError):
+        config = {}
+    recipe = generation_config().to_dict()
+    config.update({key: recipe[key] for key in GENERATION_KEYS if config.get(key) is None})
+    (view / "generation_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
 def output_paths(model: Path, out: str | None, types: list[str], overwrite: bool) -> dict[str, Path]:

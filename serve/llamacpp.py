@@ -50,7 +50,7 @@ def request_defaults(meta: dict) -> dict:
             "min_p": 0.0, "repeat_penalty": float(recipe["repeat_penalty"]), "max_tokens": recipe["num_predict"]}
 
 
-def load_tokenizer(path: str, meta: dict):
+def training_tokenizer(path: str, meta: dict):
     """sentencepiece from the file's embedded ``tokenizer.model``; None (llama.cpp's tokenizer) without it."""
     if KEY_SP_MODEL not in meta:
         print(f"warning: {path}: no {KEY_SP_MODEL} in the file (not written by scripts/export_gguf.sh): llama.cpp's "
@@ -60,6 +60,14 @@ def load_tokenizer(path: str, meta: dict):
     from model.gguf_tokenizer import SentencePieceGGUFTokenizer
 
     return SentencePieceGGUFTokenizer(meta[KEY_SP_MODEL], add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", True)))
+
+
+def attach_tokenizer(llama, path: str, meta: dict) -> None:
+    """Give a loaded ``Llama`` the training tokenizer: what ``Llama(tokenizer=...)`` sets (llama-cpp-python's
+    server builds the ``Llama`` itself, so it is set on the object it built)."""
+    tokenizer = training_tokenizer(path, meta)
+    if tokenizer is not None:
+        llama.tokenizer_ = tokenizer
 
 
 def prompt_counter(llama, template: str):
@@ -95,7 +103,6 @@ def build_app(path: str, host: str, port: int, threads: int | None = None, api_k
         raise ServeError(f"{path}: the file has no chat template (tokenizer.chat_template); "
                          "export the model with scripts/export_gguf.sh")
     context = int(meta.get(f"{meta.get('general.architecture', 'llama')}.context_length", 2048))
-    tokenizer = load_tokenizer(path, meta)
     if threads is None:
         threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
@@ -111,8 +118,7 @@ def build_app(path: str, host: str, port: int, threads: int | None = None, api_k
         model_settings=[ModelSettings(model=path, model_alias=path, n_ctx=context, n_threads=threads,
                                       n_threads_batch=threads, verbose=False)])
     llama = server_app._llama_proxy()  # the one model, loaded by create_app; the proxy never swaps it
-    if tokenizer is not None:
-        llama.tokenizer_ = tokenizer  # what Llama(tokenizer=...) sets; the proxy builds the Llama itself
+    attach_tokenizer(llama, path, meta)
 
     async def health() -> dict:
         return {"status": "ok"}
