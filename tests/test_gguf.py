@@ -319,7 +319,8 @@ def test_bad_input_gets_one_line_and_nothing_is_written(exported, tmp_path, caps
         assert main(argv) == 1, name
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith(f"error: {message}"), (name, err)
-    assert list(out.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["no_sp", "out", "taken-q8_0.gguf"]
+    assert list(out.iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["no_sp", "out", "taken-q8_0.gguf"]
 
 
 def test_a_save_path_is_exported_first(exported, tmp_path, monkeypatch):
