@@ -6,8 +6,8 @@ Usage (from anywhere; ~3-5 minutes on 2 cores, ~3 GB of temp files)::
     .venv/bin/python bench/gguf_generation.py [--threads 2] [--new_tokens 128] [--keep DIR]
 
 What runs: a random-init LLaMA of about 200M parameters (hidden 1024, 16 layers, 16 heads, MLP
-2816 and a vocabulary of 8192, so every weight row is a multiple of 256 and k-quants apply to all of
-them) is written as an HF folder with a small sentencepiece tokenizer, then ``scripts/export_gguf.sh``'s
+2816 and a sentencepiece vocabulary of about 8192, so every weight row is a multiple of 256 and
+k-quants apply to all of them) is written as an HF folder, then ``scripts/export_gguf.sh``'s
 code makes f32, q8_0 and q4_k_m GGUFs of it. Each engine runs in its own process (so its resident
 memory is its own), with ``--threads`` threads, one stream, the clean layout's training prompt, one
 warm-up, then ``--new_tokens`` greedy tokens timed (the eos is banned, so every engine makes them all):
@@ -18,8 +18,9 @@ warm-up, then ``--new_tokens`` greedy tokens timed (the eos is banned, so every 
 * ``server_q4_k_m``: ``scripts/serve.sh FILE.gguf`` (the project's engine: its tokenizer, guard and
   defaults), one chat request through the HTTP API, timed from sending to the last byte.
 
-tokens/s is generated tokens over wall time of the timed call; ``rss_mib`` is the process's peak resident
-memory (``ru_maxrss``; ``VmHWM`` for the server). The last line is JSON, with the goals' ratios:
+tokens/s is generated tokens over wall time of a timed call, the fastest of ``--repeat`` (all are
+listed: on a shared machine the fastest is the least disturbed); ``rss_mib`` is the process's peak
+resident memory (``VmHWM``). The last line is JSON, with the goals' ratios:
 ``server_vs_pytorch`` (goal >= 7) and ``server_vs_bare_q4_k_m`` (goal >= 0.9).
 """
 
@@ -29,7 +30,6 @@ import argparse
 import json
 import math
 import os
-import resource
 import signal
 import socket
 import subprocess
@@ -50,11 +50,31 @@ NO_EOS = {"2": -100.0}  # the eos banned: every engine makes exactly --new_token
 
 
 def make_model(folder: Path) -> None:
-    from demo.tiny import llama_config, train_tokenizer, write_tiny_llama
+    """A sentencepiece BPE of about VOCAB pieces without byte fallback, and a random LLaMA over it.
 
-    train_tokenizer(["summarise the text alpacas are camelids from south america smaller than llamas"] * 40,
-                    folder, vocab_size=300)
-    write_tiny_llama(folder, llama_config(VOCAB, max_position_embeddings=1024, **SHAPE))
+    Without byte pieces: a random model emits incomplete UTF-8 byte runs, and llama-cpp-python's
+    completion loop skips its ``max_tokens`` check while it waits for a character to complete (it
+    then runs until the context is full)."""
+    import io
+    import random
+
+    import sentencepiece as spm
+
+    from demo.tiny import TOKENIZER_CONFIG, llama_config, tokenizer_vocab_size, write_tiny_llama
+
+    rng = random.Random(0)
+    words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9))) for _ in range(6000)]
+    corpus = [" ".join(rng.choice(words) for _ in range(20)) for _ in range(6000)]
+    corpus += ["### Input:", "### Instruction:", "### Response:", " ".join(QUESTION)] * 50
+    proto = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus), model_writer=proto, model_type="bpe", vocab_size=VOCAB, hard_vocab_limit=False,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, byte_fallback=False, character_coverage=1.0,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, user_defined_symbols=["\n"],
+        num_threads=2, minloglevel=2)
+    (folder / "tokenizer.model").write_bytes(proto.getvalue())
+    (folder / "tokenizer_config.json").write_text(json.dumps(TOKENIZER_CONFIG))
+    write_tiny_llama(folder, llama_config(tokenizer_vocab_size(folder), max_position_embeddings=1024, **SHAPE))
     (folder / "train_config.yaml").write_text("layout: clean\ndtype: fp32\n")
 
 
@@ -72,11 +92,13 @@ def prompt(folder: Path) -> list[int]:
     return prompt_ids(load_tokenizer(folder), *QUESTION, layout="clean")
 
 
-def peak_rss_mib() -> float:
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux
+def peak_rss_mib(pid: int | str = "self") -> float:
+    """The process's peak resident memory (``VmHWM``; ``ru_maxrss`` would count the parent's peak before exec)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return round(next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")) / 1024, 1)
 
 
-def worker(engine: str, path: Path, threads: int, new_tokens: int, ids: list[int]) -> dict:
+def worker(engine: str, path: Path, threads: int, new_tokens: int, ids: list[int], repeat: int) -> dict:
     if engine == "pytorch_fp32":
         import torch
 
@@ -86,29 +108,40 @@ def worker(engine: str, path: Path, threads: int, new_tokens: int, ids: list[int
         model = load_model(path, "fp32").eval()
         inputs = torch.tensor([ids])
         kwargs = {"do_sample": False, "eos_token_id": 2, "pad_token_id": 0, "attention_mask": torch.ones_like(inputs)}
+        def timed() -> tuple[float, int]:
+            start = time.perf_counter()
+            with torch.no_grad():
+                out = model.generate(inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
+            return time.perf_counter() - start, out.shape[1] - len(ids)
+
         with torch.no_grad():
             model.generate(inputs, max_new_tokens=8, min_new_tokens=8, **kwargs)
-            start = time.perf_counter()
-            out = model.generate(inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
-            seconds = time.perf_counter() - start
-        tokens = out.shape[1] - len(ids)
     else:
         import llama_cpp
 
         llm = llama_cpp.Llama(str(path), n_ctx=1024, n_threads=threads, n_threads_batch=threads, verbose=False)
         kwargs = {"temperature": 0.0, "top_k": 50, "top_p": 0.9, "min_p": 0.0, "repeat_penalty": 1.0,
                   "logit_bias": {int(k): v for k, v in NO_EOS.items()}}
+
+        def timed() -> tuple[float, int]:
+            start = time.perf_counter()
+            tokens = llm.create_completion(prompt=ids, max_tokens=new_tokens, **kwargs)["usage"]["completion_tokens"]
+            return time.perf_counter() - start, tokens
+
         llm.create_completion(prompt=ids, max_tokens=8, **kwargs)
-        start = time.perf_counter()
-        tokens = llm.create_completion(prompt=ids, max_tokens=new_tokens, **kwargs)["usage"]["completion_tokens"]
-        seconds = time.perf_counter() - start
+    return summary([timed() for _ in range(repeat)], peak_rss_mib())
+
+
+def summary(runs: list[tuple[float, int]], rss_mib: float) -> dict:
+    """The fastest of the timed runs (the least disturbed by other work on the machine), and all of them."""
+    seconds, tokens = min(runs)
     return {"tokens": tokens, "seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds, 1),
-            "rss_mib": peak_rss_mib()}
+            "all_tokens_per_s": [round(n / s, 1) for s, n in runs], "rss_mib": rss_mib}
 
 
 def run_worker(engine: str, path: Path, args: argparse.Namespace, ids: list[int]) -> dict:
     cmd = [sys.executable, __file__, "--worker", engine, "--path", str(path), "--threads", str(args.threads),
-           "--new_tokens", str(args.new_tokens), "--ids", json.dumps(ids)]
+           "--new_tokens", str(args.new_tokens), "--ids", json.dumps(ids), "--repeat", str(args.repeat)]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=1800,
                           env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
     if done.returncode != 0:
@@ -152,11 +185,7 @@ def run_server(path: Path, args: argparse.Namespace, log: Path) -> dict:
             return time.perf_counter() - start, reply["usage"]["completion_tokens"]
 
         ask(8)
-        seconds, tokens = ask(args.new_tokens)
-        status = Path(f"/proc/{proc.pid}/status").read_text()
-        hwm = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:"))
-        return {"tokens": tokens, "seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds, 1),
-                "rss_mib": round(hwm / 1024, 1)}
+        return summary([ask(args.new_tokens) for _ in range(args.repeat)], peak_rss_mib(proc.pid))
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
@@ -166,6 +195,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=2, help="CPU threads of every engine (default 2)")
     p.add_argument("--new_tokens", type=int, default=128, help="greedy tokens timed (default 128)")
+    p.add_argument("--repeat", type=int, default=3, help="timed runs per engine; the fastest counts (default 3)")
     p.add_argument("--keep", default=None, help="build the model and GGUFs in this folder and keep them")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--path", default=None, help=argparse.SUPPRESS)
@@ -176,7 +206,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.worker:
-        print(json.dumps(worker(args.worker, Path(args.path), args.threads, args.new_tokens, json.loads(args.ids))))
+        print(json.dumps(worker(args.worker, Path(args.path), args.threads, args.new_tokens, json.loads(args.ids),
+                                args.repeat)))
         return 0
     from model.gguf import export_gguf
 

@@ -12,8 +12,9 @@ demo's greedy answers, first through PyTorch fp32 exactly as ``scripts/demo.sh``
 engine without HTTP: llama-cpp-python's ``Llama`` with the training tokenizer attached
 (``serve.llamacpp.attach_tokenizer``), ``create_chat_completion`` on the user message
 ``INSTRUCTION ### Input: CONTEXT`` (the GGUF's chat template), greedy, with the engine's defaults
-otherwise. Sizes are the files' bytes (the PyTorch figure: the folder's weight files). The last
-line is JSON; ``q8_0_minus_fp32`` is the goal's difference (goal: within 0.01).
+otherwise. Sizes are the files' bytes (the PyTorch figure: the folder's weight files);
+``same_answer_as_pytorch`` counts the records whose answer (stripped) is PyTorch's. The last line
+is JSON; ``q8_0_minus_fp32`` is the goal's difference (goal: within 0.01).
 """
 
 from __future__ import annotations
@@ -78,14 +79,17 @@ def main(argv: list[str] | None = None) -> int:
     load = os.getloadavg()
     records = synthetic.read_jsonl(args.heldout)
     weights = [f for f in args.model.iterdir() if f.suffix in (".safetensors", ".bin")]
-    score, _ = synthetic.score(records, pytorch_answers(args.model, records, args.max_new_tokens))
+    reference = pytorch_answers(args.model, records, args.max_new_tokens)
+    score, _ = synthetic.score(records, reference)
     result = {"pytorch_fp32": {"exact_match": round(score, 4), "mib": mib(weights)}}
     types = parse_types(args.types)
     with tempfile.TemporaryDirectory() as tmp:
         files = export_gguf(args.model, out=str(Path(tmp) / "demo-{type}.gguf"), types=types)
         for qtype, path in files.items():
-            score, _ = synthetic.score(records, gguf_answers(path, records, args.max_new_tokens))
-            result[qtype] = {"exact_match": round(score, 4), "mib": mib([path])}
+            answers = gguf_answers(path, records, args.max_new_tokens)
+            score, _ = synthetic.score(records, answers)
+            same = sum(a.strip() == b.strip() for a, b in zip(answers, reference, strict=True))
+            result[qtype] = {"exact_match": round(score, 4), "mib": mib([path]), "same_answer_as_pytorch": same}
             print(json.dumps({qtype: result[qtype]}), file=sys.stderr)
     line = {"bench": "gguf_quality", "model": str(args.model), "heldout": len(records), "results": result,
             "load_average_at_start": [round(x, 2) for x in load]}
