@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from model.hf_tokenizer import LAYOUTS, ollama_template, read_model_proto, write_hf_tokenizer
-from model.tokenizer import BOS_ID, EOS_ID, SP_MODEL, TOKENIZER_FILES, ModelPathError
+from model.tokenizer import BOS_ID, EOS_ID, SAMPLING, SP_MODEL, TOKENIZER_FILES, ModelPathError
 
 KEY_SP_MODEL = "openalpaca.tokenizer.sentencepiece_model"
 KEY_LAYOUT = "openalpaca.layout"
@@ -191,14 +191,9 @@ def quantize(src: Path, dst: Path, qtype: str) -> None:
 # ---------------------------------------------------------------- the Modelfile
 
 def sampling() -> dict[str, Any]:
-    """The recipe's sampling as ollama parameters (``model.llama.generation_config``; temperature 1 and no
-    repetition penalty, as ``generate`` samples: ollama's defaults differ)."""
-    from model.llama import generation_config
-
-    config = generation_config()
-    return {"top_k": config.top_k, "top_p": config.top_p, "num_predict": config.max_new_tokens,
-            "temperature": 1.0 if config.temperature is None else config.temperature,
-            "repeat_penalty": 1.0 if config.repetition_penalty is None else config.repetition_penalty}
+    """The recipe's sampling (``model.tokenizer.SAMPLING``) as ollama's parameters: ollama's defaults differ."""
+    return {"top_k": SAMPLING["top_k"], "top_p": SAMPLING["top_p"], "num_predict": SAMPLING["max_new_tokens"],
+            "temperature": SAMPLING["temperature"], "repeat_penalty": SAMPLING["repetition_penalty"]}
 
 
 def modelfile(gguf_name: str, layout: str, context: int | None) -> str:

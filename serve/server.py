@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from model.dtypes import CONFIG_DTYPE_NAMES
-from model.llama import ModelPathError, check_model_folder
+from model.tokenizer import ModelPathError
 
 DEFAULT_MODEL = "./ckpt/openalpaca"
 CHAT_PATH = "/v1/chat/completions"
@@ -309,6 +309,8 @@ def has_chat_template(folder: Path) -> bool:
 def check_servable(model: str) -> None:
     """A local folder needs weights, the exact tokenizer.json and a chat template (every folder the
     project writes has them; a downloaded base model gets them from scripts/exact_tokenizer.sh)."""
+    from model.llama import check_model_folder  # transformers: only the folder engine needs it
+
     try:
         check_model_folder(model)
     except ModelPathError as err:
