@@ -251,12 +251,14 @@ def source_layout(model: Path) -> str:
     return trained_layout(model)
 
 
-def _source_is_fp32(folder: Path) -> bool:
+def base_type(folder: Path) -> str:
+    """The converter's output that the quantizer starts from: the weights' own precision (f32 or bf16, nothing
+    rounded twice), f16 when config.json does not say."""
     try:
         config = json.loads((folder / "config.json").read_text())
     except (OSError, ValueError):
-        return False
-    return (config.get("dtype") or config.get("torch_dtype")) == "float32"
+        return "f16"
+    return {"float32": "f32", "bfloat16": "bf16"}.get(config.get("dtype") or config.get("torch_dtype"), "f16")
 
 
 GENERATION_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "do_sample", "top_k", "top_p", "max_new_tokens")
@@ -342,9 +344,9 @@ def export_gguf(model: str | Path, out: str | None = None, types: list[str] | No
         view = work / "view"
         make_view(src, view, layout)
         context = json.loads((view / "config.json").read_text()).get("max_position_embeddings")
-        base_type = "f32" if _source_is_fp32(src) else "f16"
+        start = base_type(src)
         converted: dict[str, Path] = {}
-        for qtype in [t for t in types if t in PLAIN_TYPES] + ([base_type] if set(types) - set(PLAIN_TYPES) else []):
+        for qtype in [t for t in types if t in PLAIN_TYPES] + ([start] if set(types) - set(PLAIN_TYPES) else []):
             if qtype not in converted:
                 converted[qtype] = work / f"{uuid.uuid4().hex}.gguf"
                 convert(view, converted[qtype], qtype, layout, model.name)
@@ -353,7 +355,7 @@ def export_gguf(model: str | Path, out: str | None = None, types: list[str] | No
                 tmp = converted[qtype]
             else:
                 tmp = work / f"{uuid.uuid4().hex}.gguf"
-                quantize(converted[base_type], tmp, qtype)
+                quantize(converted[start], tmp, qtype)
             check_written(tmp, qtype, layout, sp_bytes)
             staged.append((tmp, paths[qtype]))
             text_tmp = work / f"{uuid.uuid4().hex}.Modelfile"
