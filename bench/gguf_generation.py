@@ -18,10 +18,11 @@ warm-up, then ``--new_tokens`` greedy tokens timed (the eos is banned, so every 
 * ``server_q4_k_m``: ``scripts/serve.sh FILE.gguf`` (the project's engine: its tokenizer, guard and
   defaults), one chat request through the HTTP API, timed from sending to the last byte.
 
-tokens/s is generated tokens over wall time of a timed call, the fastest of ``--repeat`` (all are
-listed: on a shared machine the fastest is the least disturbed); ``rss_mib`` is the process's peak
-resident memory (``VmHWM``). The last line is JSON, with the goals' ratios:
-``server_vs_pytorch`` (goal >= 7) and ``server_vs_bare_q4_k_m`` (goal >= 0.9).
+Engines are loaded first, then timed in ``--repeat`` rounds, each round running every engine once,
+so that on a shared machine all of them meet the same load. tokens/s is generated tokens over wall
+time of a timed call, the fastest of an engine's runs (all are listed: the fastest is the least
+disturbed); ``rss_mib`` is the process's peak resident memory (``VmHWM``). The last line is JSON,
+with the goals' ratios: ``server_vs_pytorch`` (goal >= 7) and ``server_vs_bare_q4_k_m`` (goal >= 0.9).
 """
 
 from __future__ import annotations
@@ -98,7 +99,9 @@ def peak_rss_mib(pid: int | str = "self") -> float:
     return round(next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")) / 1024, 1)
 
 
-def worker(engine: str, path: Path, threads: int, new_tokens: int, ids: list[int], repeat: int) -> dict:
+def worker(engine: str, path: Path, threads: int, new_tokens: int, ids: list[int]) -> None:
+    """Load the engine, warm it up, print ``ready``; then one timed generation per ``run`` line on stdin
+    (a JSON line each), and the peak memory on ``quit``."""
     if engine == "pytorch_fp32":
         import torch
 
@@ -108,14 +111,10 @@ def worker(engine: str, path: Path, threads: int, new_tokens: int, ids: list[int
         model = load_model(path, "fp32").eval()
         inputs = torch.tensor([ids])
         kwargs = {"do_sample": False, "eos_token_id": 2, "pad_token_id": 0, "attention_mask": torch.ones_like(inputs)}
-        def timed() -> tuple[float, int]:
-            start = time.perf_counter()
-            with torch.no_grad():
-                out = model.generate(inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
-            return time.perf_counter() - start, out.shape[1] - len(ids)
 
-        with torch.no_grad():
-            model.generate(inputs, max_new_tokens=8, min_new_tokens=8, **kwargs)
+        def generate(n: int) -> int:
+            with torch.no_grad():
+                return model.generate(inputs, max_new_tokens=n, min_new_tokens=n, **kwargs).shape[1] - len(ids)
     else:
         import llama_cpp
 
@@ -123,13 +122,49 @@ def worker(engine: str, path: Path, threads: int, new_tokens: int, ids: list[int
         kwargs = {"temperature": 0.0, "top_k": 50, "top_p": 0.9, "min_p": 0.0, "repeat_penalty": 1.0,
                   "logit_bias": {int(k): v for k, v in NO_EOS.items()}}
 
-        def timed() -> tuple[float, int]:
-            start = time.perf_counter()
-            tokens = llm.create_completion(prompt=ids, max_tokens=new_tokens, **kwargs)["usage"]["completion_tokens"]
-            return time.perf_counter() - start, tokens
+        def generate(n: int) -> int:
+            return llm.create_completion(prompt=ids, max_tokens=n, **kwargs)["usage"]["completion_tokens"]
 
-        llm.create_completion(prompt=ids, max_tokens=8, **kwargs)
-    return summary([timed() for _ in range(repeat)], peak_rss_mib())
+    generate(8)
+    print("ready", flush=True)
+    for line in sys.stdin:
+        if line.strip() == "quit":
+            print(json.dumps({"rss_mib": peak_rss_mib()}), flush=True)
+            return
+        start = time.perf_counter()
+        tokens = generate(new_tokens)
+        print(json.dumps([time.perf_counter() - start, tokens]), flush=True)
+
+
+class Worker:
+    """An engine in its own process (its memory is its own), driven one timed run at a time."""
+
+    def __init__(self, engine: str, path: Path, args: argparse.Namespace, ids: list[int]):
+        self.engine = engine
+        cmd = [sys.executable, __file__, "--worker", engine, "--path", str(path), "--threads", str(args.threads),
+               "--new_tokens", str(args.new_tokens), "--ids", json.dumps(ids)]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                     env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+        self.read()  # "ready"
+
+    def read(self) -> str:
+        line = self.proc.stdout.readline()
+        if not line:
+            sys.exit(f"error: the {self.engine} worker stopped (exit {self.proc.wait()})")
+        return line.strip()
+
+    def run(self) -> tuple[float, int]:
+        self.proc.stdin.write("run\n")
+        self.proc.stdin.flush()
+        seconds, tokens = json.loads(self.read())
+        return seconds, tokens
+
+    def quit(self) -> float:
+        self.proc.stdin.write("quit\n")
+        self.proc.stdin.flush()
+        rss = json.loads(self.read())["rss_mib"]
+        self.proc.wait(timeout=60)
+        return rss
 
 
 def summary(runs: list[tuple[float, int]], rss_mib: float) -> dict:
@@ -139,63 +174,59 @@ def summary(runs: list[tuple[float, int]], rss_mib: float) -> dict:
             "all_tokens_per_s": [round(n / s, 1) for s, n in runs], "rss_mib": rss_mib}
 
 
-def run_worker(engine: str, path: Path, args: argparse.Namespace, ids: list[int]) -> dict:
-    cmd = [sys.executable, __file__, "--worker", engine, "--path", str(path), "--threads", str(args.threads),
-           "--new_tokens", str(args.new_tokens), "--ids", json.dumps(ids), "--repeat", str(args.repeat)]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=1800,
-                          env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
-    if done.returncode != 0:
-        sys.exit(f"error: the {engine} run failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def run_server(path: Path, args: argparse.Namespace, log: Path) -> dict:
-    """One chat request of --new_tokens tokens through scripts/serve.sh FILE.gguf, after a warm-up."""
-    port = free_port()
-    with open(log, "w") as out:
-        proc = subprocess.Popen(["bash", str(REPO / "scripts" / "serve.sh"), str(path), "--port", str(port),
-                                 "--threads", str(args.threads)], stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-    try:
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 300
+class Server:
+    """``scripts/serve.sh FILE.gguf``: one chat request of --new_tokens tokens per run, through the HTTP API."""
+
+    def __init__(self, path: Path, args: argparse.Namespace, log: Path):
+        self.port, self.new_tokens = free_port(), args.new_tokens
+        with open(log, "w") as out:
+            self.proc = subprocess.Popen(["bash", str(REPO / "scripts" / "serve.sh"), str(path), "--port",
+                                          str(self.port), "--threads", str(args.threads)], stdout=out,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 600
         while True:
             try:
-                with urllib.request.urlopen(base + "/health", timeout=2):
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2):
                     break
             except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.quit()
                     sys.exit(f"error: the server did not start:\n{log.read_text()[-2000:]}")
                 time.sleep(0.3)
+        self.ask(8)
 
-        def ask(max_tokens: int) -> tuple[float, int]:
-            body = {"messages": [{"role": "user", "content": f"{QUESTION[0]} ### Input: {QUESTION[1]}"}],
-                    "temperature": 0, "max_tokens": max_tokens, "logit_bias": NO_EOS}
-            request = urllib.request.Request(base + "/v1/chat/completions", data=json.dumps(body).encode(),
-                                             headers={"content-type": "application/json"})
-            start = time.perf_counter()
-            with urllib.request.urlopen(request, timeout=600) as response:
-                reply = json.loads(response.read())
-            return time.perf_counter() - start, reply["usage"]["completion_tokens"]
+    def ask(self, max_tokens: int) -> tuple[float, int]:
+        body = {"messages": [{"role": "user", "content": f"{QUESTION[0]} ### Input: {QUESTION[1]}"}],
+                "temperature": 0, "max_tokens": max_tokens, "logit_bias": NO_EOS}
+        request = urllib.request.Request(f"http://127.0.0.1:{self.port}/v1/chat/completions",
+                                         data=json.dumps(body).encode(), headers={"content-type": "application/json"})
+        start = time.perf_counter()
+        with urllib.request.urlopen(request, timeout=1800) as response:
+            reply = json.loads(response.read())
+        return time.perf_counter() - start, reply["usage"]["completion_tokens"]
 
-        ask(8)
-        return summary([ask(args.new_tokens) for _ in range(args.repeat)], peak_rss_mib(proc.pid))
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
+    def run(self) -> tuple[float, int]:
+        return self.ask(self.new_tokens)
+
+    def quit(self) -> float:
+        rss = peak_rss_mib(self.proc.pid) if self.proc.poll() is None else 0.0
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        self.proc.wait(timeout=30)
+        return rss
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=2, help="CPU threads of every engine (default 2)")
     p.add_argument("--new_tokens", type=int, default=128, help="greedy tokens timed (default 128)")
-    p.add_argument("--repeat", type=int, default=3, help="timed runs per engine; the fastest counts (default 3)")
+    p.add_argument("--repeat", type=int, default=3,
+                   help="rounds; each runs every engine once, and an engine's fastest run counts (default 3)")
     p.add_argument("--keep", default=None, help="build the model and GGUFs in this folder and keep them")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--path", default=None, help=argparse.SUPPRESS)
@@ -206,8 +237,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.worker:
-        print(json.dumps(worker(args.worker, Path(args.path), args.threads, args.new_tokens, json.loads(args.ids),
-                                args.repeat)))
+        worker(args.worker, Path(args.path), args.threads, args.new_tokens, json.loads(args.ids))
         return 0
     from model.gguf import export_gguf
 
@@ -224,19 +254,26 @@ def main(argv: list[str] | None = None) -> int:
         if missing:
             export_gguf(folder, out=str(root / "llama200m-{type}.gguf"), types=missing, layout="clean", overwrite=True)
         ids = prompt(folder)
-        engines = {"pytorch_fp32": run_worker("pytorch_fp32", folder, args, ids)}
-        for t in TYPES:
-            engines[f"llama_cpp_{t}"] = run_worker(f"llama_cpp_{t}", ggufs[t], args, ids)
-            print(json.dumps({t: engines[f"llama_cpp_{t}"]}), file=sys.stderr)
-        engines["server_q4_k_m"] = run_server(ggufs["q4_k_m"], args, root / "server.log")
+        engines = {"pytorch_fp32": Worker("pytorch_fp32", folder, args, ids)}
+        engines.update({f"llama_cpp_{t}": Worker(f"llama_cpp_{t}", ggufs[t], args, ids) for t in TYPES})
+        engines["server_q4_k_m"] = Server(ggufs["q4_k_m"], args, root / "server.log")
+        runs: dict[str, list] = {name: [] for name in engines}
+        try:
+            for _ in range(args.repeat):  # rounds: every engine once per round, so all see the same load
+                for name, engine in engines.items():
+                    runs[name].append(engine.run())
+        finally:
+            rss = {name: engine.quit() for name, engine in engines.items()}
+        results = {name: summary(runs[name], rss[name]) for name in engines}
         sizes = {t: round(p.stat().st_size / 2**20, 1) for t, p in ggufs.items()}
-    speed = {name: e["tokens_per_s"] for name, e in engines.items()}
+    speed = {name: r["tokens_per_s"] for name, r in results.items()}
     print(json.dumps({
         "bench": "gguf_generation", "params_m": round(n_params / 1e6, 1), "threads": args.threads,
-        "new_tokens": args.new_tokens, "prompt_tokens": len(ids), "engines": engines, "gguf_mib": sizes,
+        "new_tokens": args.new_tokens, "prompt_tokens": len(ids), "engines": results, "gguf_mib": sizes,
         "server_vs_pytorch": round(speed["server_q4_k_m"] / speed["pytorch_fp32"], 2),
         "server_vs_bare_q4_k_m": round(speed["server_q4_k_m"] / speed["llama_cpp_q4_k_m"], 3),
-        "load_average_at_start": [round(x, 2) for x in load]}))
+        "load_average_at_start": [round(x, 2) for x in load],
+        "load_average_at_end": [round(x, 2) for x in os.getloadavg()]}))
     return 0
 
 
