@@ -1,6 +1,6 @@
 """Which loaders give sentencepiece's ids: a table of loader x tokenizer model, texts that differ.
 
-    python bench/tokenizer_exactness.py [--fuzz 3000]
+    python bench/tokenizer_exactness.py [--fuzz 3000] [--gguf]
 
 Three ``tokenizer.model`` files are trained on the fly (no download): ``v1`` like OpenLLaMA v1
 (``nmt_nfkc``, runs of spaces folded, dummy prefix, byte fallback), ``v2`` like OpenLLaMA v2
@@ -10,7 +10,10 @@ OpenLLaMA (``tokenizer.model`` and a ``tokenizer_config.json`` naming ``LlamaTok
 the same folder after ``scripts/exact_tokenizer.sh``. For every loader the count is of ``PROBES``
 whose ``encode(text, add_special_tokens=False)`` differs from ``SentencePieceProcessor.encode``.
 ``--fuzz N`` adds N random strings (spaces, newlines, tabs, ideographic space, full-width letters,
-ligatures, zero-width and combining characters, emoji, pieces of ``<s>``) to the probes.
+ligatures, zero-width and combining characters, emoji, pieces of ``<s>``) to the probes. ``--gguf``
+adds two loaders: each folder (with tiny random weights) exported by ``scripts/export_gguf.sh``'s
+code to an f32 GGUF, tokenized by llama.cpp itself (llama-cpp-python, special tokens as text) and by
+the project's GGUF engine (``scripts/serve.sh FILE.gguf``'s tokenizer).
 Prints a markdown table and one JSON line. The tests use the same probes and models.
 """
 
@@ -108,7 +111,27 @@ def fuzz(n: int, seed: int = 1) -> list[str]:
     return ["".join(rng.choice(FUZZ_ALPHABET) for _ in range(rng.randint(0, 20))) for _ in range(n)]
 
 
-def measure(root: Path, probes: list[str] = PROBES) -> dict[str, dict[str, int]]:
+def gguf_rows(folder: Path, sp: spm.SentencePieceProcessor, probes: list[str]) -> dict[str, int]:
+    """The folder as a GGUF: llama.cpp's own ids and the project's engine's, against sentencepiece's."""
+    import llama_cpp
+
+    from demo.tiny import llama_config, tokenizer_vocab_size, write_tiny_llama
+    from model.gguf import export_gguf, read_metadata
+    from serve.llamacpp import attach_tokenizer
+
+    write_tiny_llama(folder, llama_config(tokenizer_vocab_size(folder), hidden_size=32, num_layers=1, num_heads=2))
+    path = export_gguf(folder, out=str(folder.parent / f"{folder.name}.gguf"), types=["f32"])["f32"]
+    rows = {}
+    for name, engine in (("llama.cpp, GGUF", False), ("serve.sh FILE.gguf (the project's engine)", True)):
+        llama = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
+        if engine:
+            attach_tokenizer(llama, str(path), read_metadata(path))
+        rows[name] = sum(llama.tokenize(t.encode(), add_bos=False, special=False) != sp.encode(t) for t in probes)
+        llama.close()
+    return rows
+
+
+def measure(root: Path, probes: list[str] = PROBES, gguf: bool = False) -> dict[str, dict[str, int]]:
     from transformers import AutoTokenizer, LlamaTokenizer
 
     from model.hf_tokenizer import write_hf_tokenizer
@@ -125,6 +148,8 @@ def measure(root: Path, probes: list[str] = PROBES) -> dict[str, dict[str, int]]
         row["AutoTokenizer, exact files"] = len(differing(exact, sp, probes))
         row["AutoTokenizer, exact files, split_special_tokens=True"] = len(differing(exact, sp, probes, True))
         row["LlamaTokenizer, exact files"] = len(differing(LlamaTokenizer.from_pretrained(str(folder)), sp, probes))
+        if gguf:
+            row.update(gguf_rows(folder, sp, probes))
         table[kind] = row
     return table
 
@@ -134,9 +159,11 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fuzz", type=int, default=0, help="random strings added to the probes")
-    probes = PROBES + fuzz(parser.parse_args(argv).fuzz)
+    parser.add_argument("--gguf", action="store_true", help="also llama.cpp's tokenizer and the project's GGUF engine")
+    args = parser.parse_args(argv)
+    probes = PROBES + fuzz(args.fuzz)
     with tempfile.TemporaryDirectory() as tmp:
-        table = measure(Path(tmp), probes)
+        table = measure(Path(tmp), probes, args.gguf)
     loaders = list(next(iter(table.values())))
     literal = sum(has_special_string(t) for t in probes)
     print(f"texts whose ids differ from SentencePieceProcessor.encode, of {len(probes)} "

@@ -28,6 +28,10 @@ runs of spaces, newlines and leading spaces. ``write_hf_tokenizer`` writes what 
   (``tokenizer(text)`` is ``[1] + sp.encode(text)``), as the original's tokenizer did; pad is
   ``<unk>`` (id 0), as OpenLLaMA's config.json.
 * ``chat_template``: the run's layout as a Jinja template (``chat_template(layout)``).
+
+The same layout is also written as a Go template for ollama's Modelfile (``ollama_template(layout)``):
+both generators take the prompt's pieces and the layout's special tokens from this module, so the two
+templates cannot drift apart.
 """
 
 from __future__ import annotations
@@ -43,6 +47,10 @@ from model.tokenizer import BOS_ID, EOS_ID, PAD_ID, SP_MODEL, ModelPathError
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 LAYOUTS = ("original", "clean")  # the token layouts of openalpaca/prompts.py, which imports them from here
 INPUT_MARK = "### Input:"  # ``INSTRUCTION ### Input: CONTEXT`` gives a context (chat template, inference.py)
+# The seed's two prompt templates (openalpaca.prompts) as the chat templates fill them in: the input block only
+# when there is a context, then the instruction block.
+INPUT_OPEN, INPUT_CLOSE = "### Input:\n", "\n\n"
+INSTRUCTION_OPEN, INSTRUCTION_CLOSE = "### Instruction:\n", "\n\n### Response:"
 MODEL_MAX_LENGTH = 2048  # OpenLLaMA's context
 SPECIAL_PIECES = {0: "<unk>", BOS_ID: "<s>", EOS_ID: "</s>"}
 NORMAL, USER_DEFINED, CONTROL = 1, 4, 3  # sentencepiece's ModelProto.SentencePiece.Type values
@@ -123,6 +131,18 @@ def build_tokenizer(model_file: str | Path):
     return tokenizer
 
 
+def sample_bos(layout: str) -> int:
+    """How many bos open a sample (and its answer) in ``layout``: ``original`` 2, ``clean`` 1."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    return 2 if layout == "original" else 1
+
+
+def _jinja_str(text: str) -> str:
+    """``text`` as a Jinja string literal."""
+    return "'" + text.replace("\\", "\\\\").replace("\n", "\\n").replace("'", "\\'") + "'"
+
+
 def chat_template(layout: str) -> str:
     """The recipe's prompt as a chat template: ``apply_chat_template`` gives ``prompt_ids``.
 
@@ -135,9 +155,7 @@ def chat_template(layout: str) -> str:
     other. Roles must alternate user, assistant, user...; a system message is refused (put the
     context after ``### Input:``).
     """
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
-    extra_bos = "{{- bos_token }}" if layout == "original" else ""
+    extra_bos = "{{- bos_token }}" * (sample_bos(layout) - 1)
     return (
         "{#- OpenAlpaca, layout " + layout + ": a user message is INSTRUCTION, or INSTRUCTION ### Input: CONTEXT #}\n"
         "{%- if messages | length == 0 %}{{ raise_exception('messages must not be empty') }}{% endif %}\n"
@@ -156,8 +174,9 @@ def chat_template(layout: str) -> str:
         "    {%- set instruction = parts[0] | trim %}\n"
         "    {%- set context = parts[1] | trim if parts | length > 1 else '' %}\n"
         "    {{- bos_token }}" + extra_bos + "\n"
-        "    {%- if context != '' %}{{- '### Input:\\n' + context + '\\n\\n' }}{% endif %}\n"
-        "    {{- '### Instruction:\\n' + instruction + '\\n\\n### Response:' }}\n"
+        "    {%- if context != '' %}{{- " + _jinja_str(INPUT_OPEN) + " + context + " + _jinja_str(INPUT_CLOSE)
+        + " }}{% endif %}\n"
+        "    {{- " + _jinja_str(INSTRUCTION_OPEN) + " + instruction + " + _jinja_str(INSTRUCTION_CLOSE) + " }}\n"
         "  {%- else %}\n"
         "    {{- eos_token + bos_token }}" + extra_bos + "{{- text + eos_token }}\n"
         "  {%- endif %}\n"
@@ -168,6 +187,119 @@ def chat_template(layout: str) -> str:
         "  {{- eos_token + bos_token }}\n"
         "{%- endif %}\n"
     )
+
+
+# Characters Jinja's ``trim`` (Python's ``str.strip``) removes, grouped by their UTF-8 length: the Go
+# template strips the same ones, byte by byte.
+STRIP_CHARS = {n: [c for c in map(chr, range(0x3001)) if c.isspace() and len(c.encode()) == n] for n in (1, 2, 3)}
+
+
+GO_ESCAPES = {"\t": "\\t", "\n": "\\n", "\v": "\\v", "\f": "\\f", "\r": "\\r"}
+
+
+def _go_str(text: str) -> str:
+    """``text`` as a Go string literal in printable ASCII (ollama's Modelfile parser drops other control
+    characters, and a template must not hold three double quotes in a row)."""
+    out = []
+    for char in text:
+        if char in '"\\':
+            out.append("\\" + char)
+        elif char in GO_ESCAPES:
+            out.append(GO_ESCAPES[char])
+        elif " " <= char <= "~":
+            out.append(char)
+        elif ord(char) < 0x10000:
+            out.append(f"\\u{ord(char):04x}")
+        else:
+            out.append(f"\\U{ord(char):08x}")
+    return '"' + "".join(out) + '"'
+
+
+def _go_starts(n: int, at_end: bool = False) -> str:
+    """A Go condition: the string ``.`` starts (``at_end``: ends) with one of the ``n``-byte strip characters."""
+    part = f"(slice . (len (slice . {n})))" if at_end else f"(slice . 0 {n})"
+    return f"and (ge (len .) {n}) (eq {part} {' '.join(_go_str(c) for c in STRIP_CHARS[n])})"
+
+
+def _go_fail(message: str) -> str:
+    """A Go action that stops the rendering with ``message`` in its error (a template cannot raise;
+    slicing a string past its end fails, and Go quotes the action, message and all)."""
+    return "{{ slice " + _go_str(message) + f" 0 {len(message.encode()) + 1}" + " }}"
+
+
+def ollama_template(layout: str) -> str:
+    """The recipe's prompt as a Go template for an ollama Modelfile: the same layout as ``chat_template``.
+
+    ollama renders ``.Messages`` (each ``.Role``, ``.Content``) and its runner tokenizes the text
+    with a bos added in front (the GGUF's ``add_bos_token``) and special tokens parsed (see
+    docs/local-models.md), so this template leaves out the very first ``<s>`` that the Jinja
+    template writes; everything after it is the same text: ``INSTRUCTION ### Input: CONTEXT``
+    split at the first mark and both parts stripped as Jinja's ``trim`` does, earlier turns as
+    completed samples, the generation prompt ``</s><s>`` after a last user message. A system or
+    other role, or roles out of order, stop the rendering with an error naming the rule.
+
+    Go's ``text/template`` has no string search and ollama adds no such function, so the
+    splitting and stripping are small recursive templates over byte slices (``oa.*``); Go allows
+    100000 nested calls, which bounds a message to about that many bytes.
+    """
+    bos = sample_bos(layout)
+    mark = _go_str(INPUT_MARK)
+    n_mark = len(INPUT_MARK.encode())
+    skips = "".join(
+        f"\n{{{{- else if {_go_starts(n)} }}}}{{{{ template \"{{name}}\" (slice . {n}) }}}}" for n in (1, 2, 3))
+    at_mark = f"and (ge (len .) {n_mark}) (eq (slice . 0 {n_mark}) {mark})"
+    return "".join([
+        "{{- /* OpenAlpaca, layout " + layout + ": a user message is INSTRUCTION, or INSTRUCTION "
+        + INPUT_MARK + " CONTEXT. Generated by model/hf_tokenizer.py (ollama_template). */ -}}\n",
+        # oa.input: the input block of a message, from its first mark on
+        '{{- define "oa.input" }}\n{{- if lt (len .) ' + str(n_mark) + " }}\n{{- else if " + at_mark
+        + ' }}{{ template "oa.context" (slice . ' + str(n_mark) + ") }}\n"
+        '{{- else }}{{ template "oa.input" (slice . 1) }}\n{{- end }}\n{{- end }}\n',
+        # oa.context: the text after the mark, left-stripped; nothing left means no input
+        '{{- define "oa.context" }}\n{{- if eq . "" }}' + skips.replace("{name}", "oa.context")
+        + "\n{{- else }}{{ " + _go_str(INPUT_OPEN) + ' }}{{ template "oa.rstrip" . }}{{ ' + _go_str(INPUT_CLOSE)
+        + " }}\n{{- end }}\n{{- end }}\n",
+        # oa.rstrip: the text without its trailing strip characters
+        '{{- define "oa.rstrip" }}'
+        + "".join(f'\n{{{{- {"if" if n == 1 else "else if"} {_go_starts(n, at_end=True)} }}}}'
+                  f'{{{{ template "oa.rstrip" (slice . 0 (len (slice . {n}))) }}}}' for n in (1, 2, 3))
+        + "\n{{- else }}{{ . }}\n{{- end }}\n{{- end }}\n",
+        # oa.instruction: the text before the first mark, stripped (leading characters skipped here)
+        '{{- define "oa.instruction" }}\n{{- if or (eq . "") (' + at_mark + ") }}"
+        + skips.replace("{name}", "oa.instruction")
+        + '\n{{- else }}{{ template "oa.body" . }}\n{{- end }}\n{{- end }}\n',
+        # oa.body: byte by byte up to the mark; a strip character is written only when text follows it
+        '{{- define "oa.body" }}\n{{- if or (eq . "") (' + at_mark + ") }}"
+        + "".join(f"\n{{{{- else if {_go_starts(n)} }}}}"
+                  f'{{{{ template "oa.keep" (printf "{n}%s" .) }}}}{{{{ template "oa.body" (slice . {n}) }}}}'
+                  for n in (1, 2, 3))
+        + '\n{{- else }}{{ slice . 0 1 }}{{ template "oa.body" (slice . 1) }}\n{{- end }}\n{{- end }}\n',
+        # oa.keep: "N" + a strip character of N bytes + what follows it: write the character when the run
+        # of strip characters it starts is followed by text before the mark or the end
+        '{{- define "oa.keep" }}\n{{- $n := 2 }}{{ if eq (slice . 0 1) "2" }}{{ $n = 3 }}'
+        '{{ else if eq (slice . 0 1) "3" }}{{ $n = 4 }}{{ end }}\n'
+        "{{- $head := slice . 0 $n }}{{ $rest := slice . $n }}\n"
+        "{{- with $rest }}{{ if " + at_mark + " }}"
+        + "".join(f'{{{{ else if {_go_starts(n)} }}}}{{{{ template "oa.keep" (printf "%s%s" $head (slice . {n})) }}}}'
+                  for n in (1, 2, 3))
+        + "{{ else }}{{ slice $head 1 }}{{ end }}{{ end }}\n{{- end }}\n",
+        # oa.prompt: the prompt of one user message
+        '{{- define "oa.prompt" }}{{ template "oa.input" . }}{{ ' + _go_str(INSTRUCTION_OPEN)
+        + ' }}{{ template "oa.instruction" . }}{{ ' + _go_str(INSTRUCTION_CLOSE) + " }}{{ end }}\n",
+        '{{- $last := "assistant" }}\n',
+        "{{- range $i, $m := .Messages }}\n",
+        '{{- if not (eq $m.Role "user" "assistant") }}'
+        + _go_fail("only user and assistant messages are supported; give a context as INSTRUCTION "
+                   + INPUT_MARK + " CONTEXT") + "{{ end }}\n",
+        "{{- if eq $m.Role $last }}"
+        + _go_fail("messages must alternate user, assistant, user, ... starting with user") + "{{ end }}\n",
+        "{{- $last = $m.Role }}\n",
+        '{{- if eq $m.Role "user" }}{{ if $i }}{{ "<s>" }}{{ end }}' + '{{ "<s>" }}' * (bos - 1)
+        + '{{ template "oa.prompt" $m.Content }}\n',
+        '{{- else }}{{ "</s><s>' + "<s>" * (bos - 1) + '" }}{{ $m.Content }}{{ "</s>" }}{{ end }}\n',
+        "{{- end }}\n",
+        '{{- if eq $last "user" }}{{ "</s><s>" }}{{ end }}',
+    ])
 
 
 GENERIC_CLASS = "TokenizersBackend"  # AutoTokenizer loads tokenizer.json as it is only for a generic class

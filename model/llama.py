@@ -13,7 +13,7 @@ from transformers import GenerationConfig, LlamaForCausalLM
 
 from model.dtypes import TORCH_DTYPES
 from model.hf_tokenizer import write_hf_tokenizer
-from model.tokenizer import BOS_ID, EOS_ID, PAD_ID, SP_MODEL, ModelPathError, load_tokenizer
+from model.tokenizer import BOS_ID, EOS_ID, PAD_ID, SAMPLING, SP_MODEL, ModelPathError, load_tokenizer
 
 __all__ = ["TORCH_DTYPES", "ModelPathError", "load_tokenizer", "check_model_folder", "load_model",
            "save_model_metadata"]
@@ -53,8 +53,8 @@ def load_model(path: str | Path, dtype: str = "fp32", **kwargs: Any) -> LlamaFor
 def generation_config() -> GenerationConfig:
     """Special ids and the original's sampling (top-k 50, top-p 0.9, 128 new tokens): what
     ``generate``, ``transformers serve`` and vLLM use when a request says nothing else."""
-    return GenerationConfig(bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID, do_sample=True, top_k=50,
-                            top_p=0.9, max_new_tokens=128)
+    return GenerationConfig(bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID, do_sample=True,
+                            top_k=SAMPLING["top_k"], top_p=SAMPLING["top_p"], max_new_tokens=SAMPLING["max_new_tokens"])
 
 
 def save_model_metadata(model: LlamaForCausalLM, tokenizer: Any, dst: str | Path, layout: str) -> None:

@@ -25,6 +25,9 @@ BOS_ID = 1  # OpenLLaMA: <s>
 EOS_ID = 2  # OpenLLaMA: </s>
 PAD_ID = 0  # OpenLLaMA's config.json sets pad_token_id 0 (<unk>); pads are never attended or supervised
 SP_MODEL = "tokenizer.model"
+# The original's sampling (the seed README's generate call): generation_config.json, the GGUF engine's request
+# defaults and the ollama Modelfile all take it from here; temperature 1 and no repetition penalty, as generate.
+SAMPLING = {"top_k": 50, "top_p": 0.9, "max_new_tokens": 128, "temperature": 1.0, "repetition_penalty": 1.0}
 # Everything a model folder may hold about its tokenizer (copied next to checkpoints and exports).
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "chat_template.jinja")

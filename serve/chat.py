@@ -3,6 +3,7 @@
     scripts/chat.sh                                  # talks to http://127.0.0.1:8000/v1 (scripts/serve.sh)
     scripts/chat.sh http://gpu-box:8000/v1           # any OpenAI-compatible server (vllm serve FOLDER too)
     scripts/chat.sh ./ckpt/openalpaca                # starts scripts/serve.sh for the folder, then the page
+    scripts/chat.sh URL --api_key KEY                # a server started with --api_key (or $OPENALPACA_API_KEY)
 
 The page is at http://127.0.0.1:7860 (``--host``/``--port``). Answers stream in. It is a
 conversation: each question is sent with the conversation so far (its questions, each with the
@@ -110,11 +111,12 @@ def api_url(target: str) -> str:
 class Answerer:
     """Streams answers from the endpoint; the model is whatever the server lists first."""
 
-    def __init__(self, base_url: str, start_hint: str):
+    def __init__(self, base_url: str, start_hint: str, api_key: str | None = None):
         from openai import OpenAI
 
         self.base_url, self.start_hint = base_url, start_hint
-        self.client = OpenAI(base_url=base_url, api_key=os.environ.get("OPENAI_API_KEY", "none"), max_retries=0)
+        self.client = OpenAI(base_url=base_url, api_key=api_key or os.environ.get("OPENAI_API_KEY", "none"),
+                             max_retries=0)
         self.model: str | None = None
 
     def model_name(self) -> str:
@@ -201,10 +203,11 @@ def wait_for_server(url: str, proc: subprocess.Popen, timeout: float) -> None:
     raise ChatError(f"the server did not answer at {url} within {timeout:.0f}s")
 
 
-def start_server(model: str, port: int) -> tuple[subprocess.Popen, str]:
+def start_server(model: str, port: int, api_key: str | None = None) -> tuple[subprocess.Popen, str]:
     """``scripts/serve.sh MODEL`` as a child process, for ``chat.sh MODEL``."""
     url = f"http://127.0.0.1:{port}/v1"
-    proc = subprocess.Popen([str(REPO / "scripts" / "serve.sh"), model, "--port", str(port)])
+    key = ["--api_key", api_key] if api_key else []
+    proc = subprocess.Popen([str(REPO / "scripts" / "serve.sh"), model, "--port", str(port), *key])
     try:
         wait_for_server(url, proc, SERVER_START_TIMEOUT_S)
     except BaseException:
@@ -225,6 +228,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=1.0, help="the page's default temperature (0: greedy)")
     p.add_argument("--top_p", type=float, default=0.9, help="the page's default top-p")
     p.add_argument("--max_tokens", type=int, default=128, help="the page's default number of new tokens")
+    p.add_argument("--api_key", "--api-key", default=os.environ.get("OPENALPACA_API_KEY") or None,
+                   help="the server's API key (default $OPENALPACA_API_KEY, else $OPENAI_API_KEY); a server this "
+                   "page starts requires it")
     return p.parse_args(argv)
 
 
@@ -236,9 +242,9 @@ def main(argv: list[str] | None = None) -> int:
             url, hint = api_url(args.target), "scripts/serve.sh MODEL --port PORT"
         else:
             signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # so `finally` stops the server it started
-            server, url = start_server(args.target, args.server_port)
+            server, url = start_server(args.target, args.server_port, args.api_key)
             hint = f"scripts/chat.sh {args.target}"
-        page = build_page(Answerer(url, hint), args.temperature, args.top_p, args.max_tokens)
+        page = build_page(Answerer(url, hint, args.api_key), args.temperature, args.top_p, args.max_tokens)
         print(f"chat page for {url} at http://{args.host}:{args.port}", flush=True)
         page.launch(server_name=args.host, server_port=args.port, share=False, inbrowser=False, show_error=True)
     except ChatError as err:

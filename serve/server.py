@@ -1,41 +1,55 @@
-"""Serve a model folder with an OpenAI-compatible API: ``transformers serve`` behind a request check.
+"""Serve a model with an OpenAI-compatible API: ``transformers serve`` (a folder) or llama.cpp (a GGUF file),
+behind one request check.
 
     scripts/serve.sh                                   # ./ckpt/openalpaca at http://127.0.0.1:8000/v1
     scripts/serve.sh ./ckpt/demo/openalpaca --port 8001
-    scripts/serve.sh MODEL --host 0.0.0.0              # other machines too: put a proxy with auth in front
+    scripts/serve.sh ./ckpt/openalpaca-q8_0.gguf       # a .gguf file: llama-cpp-python's server (serve/llamacpp.py)
+    scripts/serve.sh MODEL --api_key KEY               # every request needs Authorization: Bearer KEY
+    scripts/serve.sh MODEL --host 0.0.0.0              # other machines too: use --api_key, and TLS in front
 
-Generation, streaming (SSE), ``/v1/models`` and ``/health`` are ``transformers serve``'s own: the
-same ``Serve`` object its command line builds, pinned to MODEL (``--force-model``), so requests
-are rendered by the folder's chat template and sampled with its ``generation_config.json``.
+For a folder, generation, streaming (SSE), ``/v1/models`` and ``/health`` are ``transformers
+serve``'s own: the same ``Serve`` object its command line builds, pinned to MODEL
+(``--force-model``), so requests are rendered by the folder's chat template and sampled with its
+``generation_config.json``. A ``.gguf`` file goes to llama-cpp-python's own server instead, pinned
+to the file, with the training ids (see ``serve.llamacpp``).
 
-In front of its app sits one ASGI layer, ``ChatRequestGuard``. As it comes, ``transformers
+In front of either app sit the same ASGI layers. ``ChatRequestGuard``: as it comes, ``transformers
 serve`` answers an empty ``messages`` list, ``max_tokens: -1`` or a system message (which the
-recipe's template refuses) with a bare HTTP 500. The guard reads each ``POST
-/v1/chat/completions`` first and refuses what the model must not see with a 4xx and an
-OpenAI-style ``{"error": {"message": ...}}``: malformed JSON, an unknown model, empty or
-malformed messages, out-of-range sampling values, a conversation the chat template refuses, a
-prompt (plus ``max_tokens``) longer than the model's context. The library is never patched; the
-guard only reads requests, and names a folder's model by the server's name when a request gives
-another path to the same folder.
+recipe's template refuses) with a bare HTTP 500, and llama-cpp-python silently serves its one
+model under any name. The guard reads each ``POST /v1/chat/completions`` first and refuses what the
+model must not see with a 4xx and an OpenAI-style ``{"error": {"message": ...}}``: malformed JSON,
+an unknown model, empty or malformed messages, out-of-range sampling values, a conversation the
+chat template refuses, a prompt (plus ``max_tokens``) longer than the model's context. Each engine
+gives it how to count a prompt (its own template and tokenizer) and the sampling to fill in where a
+request says nothing. ``ApiKeyGuard`` (``--api_key`` or ``$OPENALPACA_API_KEY``) answers 401 to
+any request without ``Authorization: Bearer KEY`` before anything else runs; ``/health`` stays
+open. The libraries are never patched; the guards only read requests, and name a folder's model
+by the server's name when a request gives another path to the same folder or file.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import hmac
 import json
 import math
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from model.dtypes import CONFIG_DTYPE_NAMES
-from model.llama import ModelPathError, check_model_folder
+from model.tokenizer import ModelPathError
 
 DEFAULT_MODEL = "./ckpt/openalpaca"
 CHAT_PATH = "/v1/chat/completions"
+COMPLETIONS_PATH = "/v1/completions"
+HEALTH_PATH = "/health"
 TOKEN_LIMITS = ("max_tokens", "max_completion_tokens")
+API_KEY_ENV = "OPENALPACA_API_KEY"
 
 
 class ServeError(ValueError):
@@ -68,18 +82,18 @@ def parse_body(raw: bytes) -> dict | Rejection:
     return body
 
 
-def same_folder(a: str, b: str) -> bool:
-    """Two spellings of one local folder (``./ckpt/x``, ``ckpt/x``, ``/abs/ckpt/x``)."""
-    return os.path.isdir(a) and os.path.isdir(b) and os.path.samefile(a, b)
+def same_path(a: str, b: str) -> bool:
+    """Two spellings of one local folder or file (``./ckpt/x``, ``ckpt/x``, ``/abs/ckpt/x``)."""
+    return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
 
 
 def check_model_name(body: dict, served: str) -> Rejection | None:
-    """The server is pinned to one model; a request may name it, or another path to its folder."""
+    """The server is pinned to one model; a request may name it, or another path to its folder or file."""
     requested = body.get("model")
     if requested is None or requested == served:
         return None
-    if isinstance(requested, str) and same_folder(requested, served):
-        body["model"] = served  # transformers serve compares names as strings
+    if isinstance(requested, str) and same_path(requested, served):
+        body["model"] = served  # the servers compare names as strings
         return None
     return Rejection(404, f"model {requested!r} is not served here; this server serves {served!r} (GET /v1/models)",
                      "model", "model_not_found")
@@ -153,10 +167,14 @@ def check_context(n_prompt: int, body: dict, context: int) -> Rejection | None:
 
 
 class RequestChecker:
-    """Everything a chat request is checked against: the served name, its tokenizer, its context."""
+    """Everything a chat request is checked against: the served name, how the engine counts a prompt
+    (``count_prompt(messages)``: its token count, or a Rejection when the chat template refuses the
+    messages), the model's context, and the sampling the engine fills in where a request is silent."""
 
-    def __init__(self, served: str, tokenizer, context: int):
-        self.served, self.tokenizer, self.context = served, tokenizer, context
+    def __init__(self, served: str, count_prompt: Callable[[list], int | Rejection], context: int,
+                 defaults: dict[str, Any] | None = None):
+        self.served, self.count_prompt, self.context = served, count_prompt, context
+        self.defaults = defaults or {}
 
     def check(self, raw: bytes) -> dict | Rejection:
         """The request body to forward (the model name possibly normalised), or why it is refused."""
@@ -166,10 +184,20 @@ class RequestChecker:
         rejection = check_model_name(body, self.served) or check_messages(body.get("messages")) or check_sampling(body)
         if rejection:
             return rejection
-        n_prompt = prompt_length(self.tokenizer, body["messages"])
+        n_prompt = self.count_prompt(body["messages"])
         if isinstance(n_prompt, Rejection):
             return n_prompt
-        return check_context(n_prompt, body, self.context) or body
+        return check_context(n_prompt, body, self.context) or self.fill_defaults(body)
+
+    def fill_defaults(self, body: dict) -> dict:
+        """``defaults`` for the keys a request leaves out (or sends as null); a ``max_completion_tokens``
+        becomes the ``max_tokens`` an engine reads."""
+        if "max_tokens" in self.defaults and body.get("max_tokens") is None:
+            body["max_tokens"] = body.get("max_completion_tokens")
+        for key, value in self.defaults.items():
+            if body.get(key) is None:
+                body[key] = value
+        return body
 
 
 # ----- the ASGI layer -----
@@ -200,13 +228,21 @@ def replay(body: bytes, receive):
 
 
 class ChatRequestGuard:
-    """Pure ASGI middleware: chat requests are checked, everything else (and streaming) passes untouched."""
+    """Pure ASGI middleware: chat requests are checked, text completions get the engine's sampling defaults,
+    everything else (and streaming) passes untouched."""
 
     def __init__(self, app, checker: RequestChecker):
         self.app, self.checker = app, checker
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"].rstrip("/") != CHAT_PATH:
+        path = scope["path"].rstrip("/") if scope["type"] == "http" and scope["method"] == "POST" else None
+        if path == COMPLETIONS_PATH and self.checker.defaults:
+            raw = await read_body(receive)
+            body = parse_body(raw)  # a bad body goes on as it is: the app answers it
+            await self.forward(scope, receive, send, raw if isinstance(body, Rejection) else
+                               json.dumps(self.checker.fill_defaults(body)).encode())
+            return
+        if path != CHAT_PATH:
             await self.app(scope, receive, send)
             return
         from starlette.responses import JSONResponse
@@ -215,10 +251,48 @@ class ChatRequestGuard:
         if isinstance(result, Rejection):
             await JSONResponse(result.payload(), status_code=result.status)(scope, receive, send)
             return
-        body = json.dumps(result).encode()
+        await self.forward(scope, receive, send, json.dumps(result).encode())
+
+    async def forward(self, scope, receive, send, body: bytes):
         headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
         scope = {**scope, "headers": [*headers, (b"content-length", str(len(body)).encode())]}
         await self.app(scope, replay(body, receive), send)
+
+
+class ApiKeyGuard:
+    """Pure ASGI middleware: a request without ``Authorization: Bearer KEY`` (as the openai client sends
+    its ``api_key``) gets 401 and an OpenAI-style error, and never reaches the app or the model.
+    ``/health`` stays open: it says only that the server is up, and start-up checks poll it."""
+
+    def __init__(self, app, key: str):
+        self.app, self.expected = app, f"Bearer {key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] not in ("http", "websocket") or scope["path"].rstrip("/") == HEALTH_PATH:
+            await self.app(scope, receive, send)
+            return
+        given = next((v for k, v in scope["headers"] if k.lower() == b"authorization"), b"")
+        if hmac.compare_digest(given, self.expected):
+            await self.app(scope, receive, send)
+            return
+        print(f"[serve] 401 {scope.get('method', 'WEBSOCKET')} {scope['path']}: no or wrong API key", file=sys.stderr,
+              flush=True)
+        if scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        from starlette.responses import JSONResponse
+
+        rejection = Rejection(401, "no or wrong API key: send the server's key as Authorization: Bearer KEY "
+                              "(the openai client's api_key)", code="invalid_api_key")
+        await JSONResponse(rejection.payload(), status_code=401,
+                           headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
+
+
+def add_guards(app, checker: RequestChecker, api_key: str | None) -> None:
+    """The request check, and outermost (added last) the key check, on a Starlette/FastAPI app."""
+    app.add_middleware(ChatRequestGuard, checker=checker)
+    if api_key:
+        app.add_middleware(ApiKeyGuard, key=api_key)
 
 
 # ----- what is served -----
@@ -235,6 +309,8 @@ def has_chat_template(folder: Path) -> bool:
 def check_servable(model: str) -> None:
     """A local folder needs weights, the exact tokenizer.json and a chat template (every folder the
     project writes has them; a downloaded base model gets them from scripts/exact_tokenizer.sh)."""
+    from model.llama import check_model_folder  # transformers: only the folder engine needs it
+
     try:
         check_model_folder(model)
     except ModelPathError as err:
@@ -254,11 +330,12 @@ def load_checker(model: str) -> RequestChecker:
         raise ServeError(f"{model}: the tokenizer has no chat template; download the folder and add one with "
                          "scripts/exact_tokenizer.sh FOLDER")
     context = getattr(AutoConfig.from_pretrained(model), "max_position_embeddings", None) or tokenizer.model_max_length
-    return RequestChecker(model, tokenizer, int(context))
+    return RequestChecker(model, functools.partial(prompt_length, tokenizer), int(context))
 
 
-def build_server(model: str, host: str, port: int, dtype: str, device: str, continuous_batching: bool):
-    """``transformers serve``'s server for MODEL with the guard in front; ``.run()`` serves."""
+def build_server(model: str, host: str, port: int, dtype: str, device: str, continuous_batching: bool,
+                 api_key: str | None = None):
+    """``transformers serve``'s server for MODEL with the guards in front; ``.run()`` serves."""
     from transformers.cli.serve import Serve
 
     class Unstarted(Serve):
@@ -270,7 +347,7 @@ def build_server(model: str, host: str, port: int, dtype: str, device: str, cont
     checker = load_checker(model)
     serve = Unstarted(force_model=model, host=host, port=port, dtype=CONFIG_DTYPE_NAMES.get(dtype, dtype),
                       device=device, continuous_batching=continuous_batching, non_blocking=True)
-    serve.server.config.app.add_middleware(ChatRequestGuard, checker=checker)
+    add_guards(serve.server.config.app, checker, api_key)
     return serve.server
 
 
@@ -278,26 +355,55 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="serve.sh", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
-                   help=f"model folder (any the project writes) or hub id (default {DEFAULT_MODEL})")
+                   help=f"model folder (any the project writes), hub id, or a .gguf file (default {DEFAULT_MODEL})")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--api_key", "--api-key", default=os.environ.get(API_KEY_ENV) or None,
+                   help=f"require Authorization: Bearer KEY on every request but /health (default ${API_KEY_ENV})")
     p.add_argument("--dtype", choices=["auto", *CONFIG_DTYPE_NAMES], default="auto",
-                   help="weights dtype (default auto: as stored in the folder)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default auto)")
+                   help="weights dtype (default auto: as stored in the folder; folders only)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default auto; folders only)")
     p.add_argument("--continuous_batching", "--continuous-batching", action="store_true",
                    help="transformers serve's continuous batching (paged attention): concurrent requests share steps")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for a .gguf (default: every CPU this process may use)")
     return p.parse_args(argv)
+
+
+def is_gguf(model: str) -> bool:
+    return model.lower().endswith(".gguf")
+
+
+def check_options(args: argparse.Namespace) -> None:
+    """Options of one engine given to the other: refused, not ignored."""
+    if is_gguf(args.model):
+        given = [name for name, on in (("--dtype", args.dtype != "auto"), ("--device", args.device != "auto"),
+                                       ("--continuous_batching", args.continuous_batching)) if on]
+        if given:
+            raise ServeError(f"{', '.join(given)}: transformers serve's options; a .gguf is served by llama-cpp-python")
+    elif args.threads is not None:
+        raise ServeError("--threads: for a .gguf file; a folder is served by transformers serve")
+    if args.threads is not None and args.threads < 1:
+        raise ServeError(f"--threads must be at least 1, got {args.threads}")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        check_servable(args.model)
-        server = build_server(args.model, args.host, args.port, args.dtype, args.device, args.continuous_batching)
+        check_options(args)
+        if is_gguf(args.model):
+            from serve.llamacpp import build_server as build_gguf_server
+
+            server = build_gguf_server(args.model, args.host, args.port, args.threads, args.api_key)
+        else:
+            check_servable(args.model)
+            server = build_server(args.model, args.host, args.port, args.dtype, args.device, args.continuous_batching,
+                                  args.api_key)
     except (ServeError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    print(f"serving {args.model} at http://{args.host}:{args.port}/v1 (model name {args.model!r})", flush=True)
+    key = ", API key required" if args.api_key else ""
+    print(f"serving {args.model} at http://{args.host}:{args.port}/v1 (model name {args.model!r}{key})", flush=True)
     server.run()
     return 0
 
