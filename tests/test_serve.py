@@ -36,6 +36,7 @@ CONCURRENT = [(REPEAT, words) for words in ("kiwi", "red plum", "fig lime date",
                                             "blue white black", "apple", "pear grape")]
 CHAT = [(REPEAT, "red plum fig"), (FIRST, "one two three"), (REPEAT, "kiwi lime")]  # one conversation
 START_TIMEOUT_S = 180
+KEY = "a-test-key"  # the module's server is started with --api_key KEY
 
 
 def user_message(instruction: str, context: str) -> str:
@@ -146,7 +147,7 @@ def served(copy_model_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve")
     port = free_port()
     log = tmp / "server.log"
-    proc = start(["bash", "scripts/serve.sh", str(copy_model_dir), "--port", str(port)], log)
+    proc = start(["bash", "scripts/serve.sh", str(copy_model_dir), "--port", str(port), "--api_key", KEY], log)
     try:
         questions = QUESTIONS + CONCURRENT
         src, out = tmp / "q.jsonl", tmp / "a.jsonl"
@@ -170,7 +171,7 @@ def served(copy_model_dir, tmp_path_factory):
 def client(served):
     from openai import OpenAI
 
-    return OpenAI(base_url=served["url"], api_key="none", max_retries=0, timeout=60)
+    return OpenAI(base_url=served["url"], api_key=KEY, max_retries=0, timeout=60)
 
 
 @pytest.fixture(scope="module")
@@ -288,9 +289,30 @@ def post_bad_requests(url: str, model: str, sp, context: int, headers: dict | No
 @pytest.mark.slow
 def test_bad_requests_get_a_4xx_with_a_message_and_the_server_answers_the_next(served, client, sp, copy_model_dir):
     context = json.loads((copy_model_dir / "config.json").read_text())["max_position_embeddings"]
-    post_bad_requests(served["url"], served["model"], sp, context)
+    post_bad_requests(served["url"], served["model"], sp, context, headers={"Authorization": f"Bearer {KEY}"})
     assert served["proc"].poll() is None
     assert ask(client, served["model"], QUESTIONS[0]).choices[0].message.content == served["reference"][QUESTIONS[0]]
+
+
+@pytest.mark.slow
+def test_without_the_key_a_request_gets_401_and_health_stays_open(served, client):
+    """transformers serve started with ``--api_key``: no key or another key is refused before the app."""
+    import httpx
+    import openai
+    from openai import OpenAI
+
+    for key in (None, "not-the-key"):
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        for method, path in (("GET", "/models"), ("POST", "/chat/completions")):
+            body = {"model": served["model"], "messages": [{"role": "user", "content": REPEAT}], "max_tokens": 4}
+            response = httpx.request(method, served["url"] + path, headers=headers, timeout=60,
+                                     json=body if method == "POST" else None)
+            assert response.status_code == 401, (key, path, response.text)
+            assert response.json()["error"]["code"] == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        OpenAI(base_url=served["url"], api_key="not-the-key", max_retries=0).models.list()
+    assert httpx.get(served["url"].removesuffix("/v1") + "/health", timeout=60).status_code == 200
+    assert [m.id for m in client.models.list().data] == [served["model"]]  # with the key
 
 
 # ---------------------------------------------------------------- the chat page in headless Chromium
@@ -364,7 +386,7 @@ def test_chat_page_shows_the_api_answers_of_a_conversation(served, client, brows
     api = served["conversation"][:2]
     assert api[0] == ask(client, served["model"], CHAT[0]).choices[0].message.content
     log = tmp_path / "chat.log"
-    page = open_page(browser, served["url"], log, "--temperature", "0")
+    page = open_page(browser, served["url"], log, "--temperature", "0", "--api_key", KEY)
     try:
         for question, want in zip(CHAT[:2], api, strict=True):
             ask_page(browser, question, want, log)
