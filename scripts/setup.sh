@@ -16,7 +16,8 @@ fi
 # torch first and alone: an unpinned or indirect request would pull a multi-GB CUDA build.
 # shellcheck disable=SC2086
 .venv/bin/python -m pip install -q ${TORCH_SPEC:-torch==2.13.0}
-.venv/bin/python -m pip install -q -r requirements.txt
+# llama-cpp-python is built from source by pip (cmake): on every core.
+CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} .venv/bin/python -m pip install -q -r requirements.txt
 # The chat page's browser test (tests/test_serve.py) drives Debian's headless Chromium: as root, install it once.
 if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null \
         && ! { command -v chromium && command -v chromedriver; } >/dev/null; then

@@ -19,12 +19,12 @@ import torch
 from bench.tokenizer_exactness import train_sp_model
 from openalpaca.conversations import read_conversations
 from openalpaca.data import SFTDataset, collate, read_training_data
-from openalpaca.loss import sft_ce_sum
-from openalpaca.packing import collate_packed, model_inputs
+from openalpaca.packing import collate_packed
 from openalpaca.prompts import Exchange, SampleFormat, encode_conversation, encode_sample
 from openalpaca.records import DataError
 from tests.conftest import REPO, WORDS, run
 from tests.original_code import original_sample, seed_prompt
+from tests.test_packing import assert_packed_step_equals_unpacked
 
 MARK = "### Input:"
 FORMATS = {"original": SampleFormat("original", "keep_end", hide_eos_keys=True),
@@ -236,22 +236,7 @@ def test_loss_weighting_a_conversation_is_one_sample_packed_or_not(models, token
         assert [float(batch["weights"][0, a:b].sum()) for a, b in zip(bounds, bounds[1:], strict=False)] == \
             pytest.approx([1.0] * len(samples))
         assert collate(samples, "sample")["weights"].sum(1).tolist() == pytest.approx([1.0] * len(samples))
-    total = len(samples) if weighting == "sample" else sum(s.num_supervised for s in samples)
-    loss = sft_ce_sum(packed_model, model_inputs(batch, "cpu"), batch["labels"], batch.get("weights")) / total
-    loss.backward()
-    packed_grads = {n: p.grad.clone() for n, p in packed_model.named_parameters()}
-    want = 0.0
-    for s in samples:
-        one = collate([s])
-        mean = seed_model(input_ids=one["input_ids"], attention_mask=one["attention_mask"], labels=one["labels"]).loss
-        part = mean / len(samples) if weighting == "sample" else mean * s.num_supervised / total
-        part.backward()
-        want += part.item()
-    assert loss.item() == pytest.approx(want, rel=1e-5)
-    for name, p in seed_model.named_parameters():
-        torch.testing.assert_close(packed_grads[name], p.grad, rtol=1e-5, atol=1e-5)
-    packed_model.zero_grad(set_to_none=True)
-    seed_model.zero_grad(set_to_none=True)
+    assert_packed_step_equals_unpacked(packed_model, seed_model, samples, weighting)
 
 
 # ---------------------------------------------------------------- the invariant users need

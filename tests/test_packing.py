@@ -78,7 +78,12 @@ def test_packed_step_equals_unpacked_under_both_recipes(models, tokenizer, fmt, 
     packed_model, seed_model = models
     samples = SFTDataset.from_records(make_records(8, seed=3), tokenizer, 64, fmt).samples
     assert (0 in samples[0].mask) == fmt.hide_eos_keys
+    assert_packed_step_equals_unpacked(packed_model, seed_model, samples, weighting)
 
+
+def assert_packed_step_equals_unpacked(packed_model, seed_model, samples, weighting: str) -> None:
+    """The packed loss of ``samples`` in one row and its gradients equal transformers' own loss of
+    each sample alone, averaged per sample or per token (``weighting``)."""
     batch = collate_packed(samples, weighting)
     total = len(samples) if weighting == "sample" else sum(s.num_supervised for s in samples)
     loss = sft_ce_sum(packed_model, model_inputs(batch, "cpu"), batch["labels"], batch.get("weights")) / total

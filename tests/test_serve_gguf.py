@@ -21,10 +21,10 @@ from tests.test_serve import (
     FIRST,
     QUESTIONS,
     REPEAT,
+    ask,
     clean_ids,
     start,
     stop,
-    user_message,
     wait_until_up,
 )
 
@@ -147,11 +147,6 @@ def sp(copy_model_dir):
     import sentencepiece as spm
 
     return spm.SentencePieceProcessor(model_file=str(copy_model_dir / "tokenizer.model"))
-
-
-def ask(client, model: str, question: tuple[str, str], **kwargs):
-    return client.chat.completions.create(model=model, messages=[{"role": "user", "content": user_message(*question)}],
-                                          temperature=0, max_tokens=128, **kwargs)
 
 
 @pytest.mark.slow
