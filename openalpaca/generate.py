@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from openalpaca.prompts import EOS_ID, PAD_ID, Exchange, Tokenizer, prompt_ids
+from openalpaca.prompts import EOS_ID, PAD_ID, Exchange, Tokenizer, conversation_ids
 
 MAX_PROMPT_TOKENS = 1024  # the snippet's tokens[-1024:]
 
@@ -83,13 +83,16 @@ def clean_answer(tokenizer: Tokenizer, new_ids: Sequence[int]) -> str:
 def fitted_prompt_ids(tokenizer: Tokenizer, question: tuple[str, str], history: Sequence[Exchange], layout: str,
                       max_prompt_tokens: int = 1024) -> list[int]:
     """``prompt_ids`` of ``question`` after ``history``, the oldest exchanges left out until it fits
-    ``max_prompt_tokens``; a lone question longer than that keeps its last tokens (the snippet's cut)."""
-    history = list(history)
-    while True:
-        ids = prompt_ids(tokenizer, *question, layout, history=history)
-        if len(ids) <= max_prompt_tokens or not history:
-            return ids[-max_prompt_tokens:]
-        history.pop(0)
+    ``max_prompt_tokens``; a lone question longer than that keeps its last tokens (the snippet's cut).
+
+    An exchange's ids do not depend on what comes before it, so the conversation is built once and
+    the prompt starts at the first exchange from which the rest fits.
+    """
+    built = conversation_ids(tokenizer, [*history, Exchange(*question, None)], layout)
+    ids = built.input_ids
+    start = next((span.start for span in built.spans if len(ids) - span.start <= max_prompt_tokens),
+                 built.spans[-1].start)
+    return ids[start:][-max_prompt_tokens:]
 
 
 @torch.no_grad()

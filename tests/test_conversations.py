@@ -209,6 +209,29 @@ def test_keep_prompt_cuts_the_last_answer_or_drops_later_turns_and_keep_end_keep
         assert (s.input_ids, s.labels, s.truncated) == (full_ids[-n:], full_labels[-n:], True)
 
 
+@pytest.mark.parametrize("layout", ["original", "clean"])
+def test_an_inference_prompt_leaves_out_the_oldest_exchanges_whole_to_fit(tokenizer, layout):
+    from openalpaca.generate import fitted_prompt_ids
+
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer.folder / "tokenizer.model"))
+    first, second = (expected_sample(sp, chat(pair)["messages"], layout)[0] for pair in LONG[:2])
+    question = split_user(LONG[2][0])
+    # the inference prompt: the sample up to its answer ([1, 1, P, 2, 1] or [1, P, 2, 1])
+    prompt = expected_sample(sp, chat(LONG[2])["messages"], layout)[0][
+        : len(sp.encode(seed_prompt(*question))) + (4 if layout == "original" else 3)]
+    history = [Exchange(*split_user(u), a) for u, a in LONG[:2]]
+
+    def fitted(n: int) -> list[int]:
+        return fitted_prompt_ids(tokenizer, question, history, layout, max_prompt_tokens=n)
+
+    assert fitted(10**6) == fitted(len(first + second + prompt)) == first + second + prompt
+    for n in (len(first + second + prompt) - 1, len(second + prompt)):  # the oldest exchange goes, whole
+        assert fitted(n) == second + prompt, n
+    for n in (len(second + prompt) - 1, len(prompt)):
+        assert fitted(n) == prompt, n
+    assert fitted(len(prompt) - 2) == prompt[2:]  # a lone question keeps its last tokens (the seed's cut)
+
+
 def test_a_conversation_that_cannot_start_is_skipped_and_counted(tokenizer):
     records = [tuple(Exchange(*split_user(u), a) for u, a in LONG), (Exchange("Name a fruit. " * 40, "", "x"),)]
     ds = SFTDataset.from_records(records, tokenizer, 200, FORMATS["clean"])  # fits the first two exchanges
