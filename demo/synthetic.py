@@ -27,7 +27,7 @@ import json
 import random
 import re
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 from openalpaca.config import split_pairs
@@ -369,21 +369,28 @@ def make_split(
     rng = random.Random(f"{seed}:{split}")
     records: list[Record] = []
     for task, count in _task_counts(n, list(tasks), weights).items():
-        seen: set[tuple[str, Slots, str]] = set()
-        kept, attempts = 0, 0
-        while kept < count:
-            attempts += 1
-            if attempts > 1000 * (count + 10):
-                raise ValueError(f"cannot draw {count} distinct {split} items of task {task!r}")
-            record = _make_record(task, rng)
-            key = item_key(record)
-            if _bucket(key) != split or (split == "heldout" and key in seen):
-                continue
-            seen.add(key)
-            records.append(record)
-            kept += 1
+        records += _draws(count, split, task, rng, f"items of task {task!r}")
     rng.shuffle(records)
     return records
+
+
+def _draws(count: int, split: str, task: str, rng: random.Random, what: str, tag: str = "") -> Iterator[Record]:
+    """``count`` records of ``task`` and ``split``, yielded one at a time (so a caller may draw more
+    from ``rng`` between them): a record whose item hashes to the other split is drawn again, and
+    held-out records are distinct (by ``item_key`` and ``tag``)."""
+    seen: set[tuple[tuple[str, Slots, str], str]] = set()
+    kept, attempts = 0, 0
+    while kept < count:
+        attempts += 1
+        if attempts > 1000 * (count + 10):
+            raise ValueError(f"cannot draw {count} distinct {split} {what}")
+        record = _make_record(task, rng)
+        key = (item_key(record), tag)
+        if _bucket(key[0]) != split or (split == "heldout" and key in seen):
+            continue
+        seen.add(key)
+        kept += 1
+        yield record
 
 
 def follow_up_answer(kind: str, answer: str) -> str:
@@ -413,22 +420,11 @@ def make_chats(n: int, split: str, seed: int = 0, weights: Mapping[str, float] |
         raise ValueError(f"unknown conversation tasks: {sorted(unknown)}")
     for task, count in _task_counts(n, list(CHAT_TASKS), weights).items():
         first, kind = task.split("+")
-        seen: set[tuple] = set()
-        kept, attempts = 0, 0
-        while kept < count:
-            attempts += 1
-            if attempts > 1000 * (count + 10):
-                raise ValueError(f"cannot draw {count} distinct {split} conversations of {task!r}")
-            record = _make_record(first, rng)
-            key = (item_key(record), kind)
-            if _bucket(key[0]) != split or (split == "heldout" and key in seen):
-                continue
-            seen.add(key)
+        for record in _draws(count, split, first, rng, f"conversations of {task!r}", kind):
             messages = [("user", user_content(record["instruction"], record["context"])),
                         ("assistant", record["response"]), ("user", rng.choice(FOLLOW_UPS[kind])),
                         ("assistant", follow_up_answer(kind, record["response"]))]
             chats.append({"messages": [{"role": r, "content": c} for r, c in messages], "category": task})
-            kept += 1
     rng.shuffle(chats)
     return chats
 
