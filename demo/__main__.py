@@ -40,15 +40,12 @@ def make_base(out_dir: Path, hidden_size: int, num_layers: int, num_heads: int, 
           f"{n_params / 1e6:.2f}M parameters)")
 
 
-def predict(model_path: Path, records: Sequence[dict], batch_size: int, max_new_tokens: int, layout: str) -> list[str]:
-    return greedy_predictions(load_model(model_path), load_tokenizer(model_path), records, batch_size, max_new_tokens,
-                              layout)
-
-
-def predict_second_turns(model_path: Path, chats: Sequence[dict], batch_size: int, max_new_tokens: int,
-                         layout: str) -> list[str]:
-    return second_turn_predictions(load_model(model_path), load_tokenizer(model_path), chats, batch_size,
-                                   max_new_tokens, layout)
+def predict(model_path: Path, records: Sequence[dict], chats: Sequence[dict], batch_size: int, max_new_tokens: int,
+            layout: str) -> tuple[list[str], list[str]]:
+    """One model's greedy answers, loaded once: to each held-out record, and to each conversation's second question."""
+    model, tokenizer = load_model(model_path), load_tokenizer(model_path)
+    return (greedy_predictions(model, tokenizer, records, batch_size, max_new_tokens, layout),
+            second_turn_predictions(model, tokenizer, chats, batch_size, max_new_tokens, layout) if chats else [])
 
 
 def second_turn_records(chats: Sequence[dict]) -> list[dict[str, str]]:
@@ -59,9 +56,11 @@ def second_turn_records(chats: Sequence[dict]) -> list[dict[str, str]]:
 def evaluate(base: Path, trained: Path, heldout: Path, batch_size: int, max_new_tokens: int, show: int,
              started_at: float | None = None, heldout_chats: Path | None = None, report: Path | None = None) -> None:
     records = synthetic.read_jsonl(heldout)
+    chats = synthetic.read_jsonl(heldout_chats) if heldout_chats is not None else []
     layout = trained_layout(trained)  # the base model is asked in the same layout
-    before, _ = synthetic.score(records, predict(base, records, batch_size, max_new_tokens, layout))
-    predictions = predict(trained, records, batch_size, max_new_tokens, layout)
+    predictions_before, answers_before = predict(base, records, chats, batch_size, max_new_tokens, layout)
+    predictions, answers = predict(trained, records, chats, batch_size, max_new_tokens, layout)
+    before, _ = synthetic.score(records, predictions_before)
     after, per_task = synthetic.score(records, predictions)
     for record, prediction in list(zip(records, predictions, strict=True))[:show]:
         context = f" [{record['context']}]" if record["context"] else ""
@@ -69,11 +68,8 @@ def evaluate(base: Path, trained: Path, heldout: Path, batch_size: int, max_new_
         print(f"{mark} {record['instruction']}{context} -> {prediction!r} (expected {record['response']!r})")
     counts = {task: sum(r["category"] == task for r in records) for task in per_task}
     if heldout_chats is not None:
-        chats = synthetic.read_jsonl(heldout_chats)
         references = second_turn_records(chats)
-        chat_before, _ = synthetic.score(references, predict_second_turns(base, chats, batch_size, max_new_tokens,
-                                                                          layout))
-        answers = predict_second_turns(trained, chats, batch_size, max_new_tokens, layout)
+        chat_before, _ = synthetic.score(references, answers_before)
         chat_after, per_chat = synthetic.score(references, answers)
         for chat, answer in list(zip(chats, answers, strict=True))[: max(1, show // 2)]:
             m = [x["content"] for x in chat["messages"]]
