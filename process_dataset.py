@@ -26,8 +26,8 @@ import os
 import sys
 from pathlib import Path
 
-from openalpaca.conversations import SYSTEM_MESSAGES, Conversation, as_messages, read_conversations
-from openalpaca.records import DataError, check_output, check_record, read_located, read_records, write_json_atomic
+from openalpaca.conversations import FORMAT_KEY, SYSTEM_MESSAGES, Conversation, as_messages, parse_conversations
+from openalpaca.records import DataError, check_output, check_record, read_located, write_json_atomic
 
 HF_DATASET = "databricks/databricks-dolly-15k"
 DOLLY_FIELDS = ("instruction", "context", "response")
@@ -36,7 +36,7 @@ ALPACA_FIELDS = {"instruction": "instruction", "context": "input", "response": "
 
 def read_dolly(path: str | os.PathLike) -> list[dict]:
     """Read and validate a local dolly-format file (``.jsonl``, ``.json`` list or ``.parquet``)."""
-    return read_records(path, DOLLY_FIELDS)
+    return read_input(path, "dolly", "refuse")[1]
 
 
 def load_hf_dolly() -> list[dict]:
@@ -57,17 +57,19 @@ def load_hf_dolly() -> list[dict]:
 INPUT_FORMATS = ("auto", "dolly", "messages", "sharegpt")
 
 
-def input_format(path: Path, name: str) -> str:
-    """``name``, or for ``auto`` the format of the file's first record (dolly unless it has
-    ``messages`` or ``conversations``)."""
-    if name != "auto":
-        return name
-    first = read_located(path)[0][1]
-    if isinstance(first, dict):
-        for fmt, key in (("messages", "messages"), ("sharegpt", "conversations")):
-            if key in first:
-                return fmt
-    return "dolly"
+def read_input(path: str | os.PathLike, name: str, system_message: str) -> tuple[str, list]:
+    """The input file, read once: ``(its format, its records)``, dolly records checked or conversations.
+
+    ``name`` is the format, or ``auto``: the first record's (dolly unless it has ``messages`` or
+    ``conversations``, the keys ``openalpaca.conversations`` reads them by).
+    """
+    located = read_located(path)
+    fmt, first = name, located[0][1]
+    if fmt == "auto":
+        fmt = next((f for f in ("messages", "sharegpt") if isinstance(first, dict) and FORMAT_KEY[f] in first), "dolly")
+    if fmt == "dolly":
+        return fmt, [check_record(record, where, DOLLY_FIELDS) for where, record in located]
+    return fmt, parse_conversations(located, fmt, system_message)[1]
 
 
 def conversation_words(conversation: Conversation) -> int:
@@ -149,13 +151,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         check_output(args.output)
-        fmt = input_format(args.input, args.format) if args.input else "dolly"
-        if fmt == "dolly":
-            records = read_dolly(args.input) if args.input else load_hf_dolly()
-            kept, dropped = to_alpaca(records, args.max_words)
+        if args.input:
+            fmt, records = read_input(args.input, args.format, args.system_message)
         else:
-            records = read_conversations(args.input, fmt, args.system_message)[1]
-            kept, dropped = to_messages(records, args.max_words)
+            fmt, records = "dolly", load_hf_dolly()
+        kept, dropped = to_alpaca(records, args.max_words) if fmt == "dolly" else to_messages(records, args.max_words)
         try:
             write_json_atomic(kept, args.output)
         except OSError as exc:

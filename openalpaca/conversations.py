@@ -185,8 +185,13 @@ def read_conversations(path: str | Path, data_format: str = "auto",
     ('messages', [(Exchange(instruction='Sort.', input='b a', output='a b'), \
 Exchange(instruction='Upper case.', input='', output='A B'))])
     """
+    return parse_conversations(read_located(path), data_format, system_message)
+
+
+def parse_conversations(located: list[tuple[str, Any]], data_format: str = "auto",
+                        system_message: str = "refuse") -> tuple[str, list[Conversation]]:
+    """``read_conversations`` on a file's records as ``openalpaca.records.read_located`` returns them."""
     check_choices(data_format, system_message)
-    located = read_located(path)
     fmt = detect_format(located[0][1], located[0][0]) if data_format == "auto" else data_format
     parse = PARSERS[fmt]
     return fmt, [parse(record, where, system_message) for where, record in located]
