@@ -116,21 +116,10 @@ def interactive(model, tokenizer, sampling: Sampling, layout: str) -> None:
             history = []
             print("(a new conversation)", flush=True)
             continue
-        question = split_question(line)
+        question = split_user_content(line)  # as the chat template reads a user message
         answer = generate(model, tokenizer, [question], sampling, batch_size=1, streamer=streamer, layout=layout,
                           histories=[history])[0]
         history.append(Exchange(*question, answer))
-
-
-def split_question(line: str) -> tuple[str, str]:
-    """An interactive line as ``(instruction, input)``, read as the chat template reads a user message.
-
-    >>> split_question("Summarise the text. ### Input: Alpacas are camelids.")
-    ('Summarise the text.', 'Alpacas are camelids.')
-    >>> split_question("Name a fruit.")
-    ('Name a fruit.', '')
-    """
-    return split_user_content(line)
 
 
 def read_questions(args: argparse.Namespace) -> list[dict]:

@@ -266,7 +266,7 @@ def test_interactive_mode_keeps_the_conversation_streams_and_takes_an_input(copy
     histories = [[], [(*asked[0], answers[0])], [], [(*asked[2], answers[2])]]
     assert [c["input_ids"] for c in spy] == [[conversation_ids(sp, h, q)] for h, q in zip(histories, asked,
                                                                                           strict=True)]
-    assert inference.split_question("Summarise. ### Input: a ### Input: b") == ("Summarise.", "a ### Input: b")
+    assert inference.split_user_content("Summarise. ### Input: a ### Input: b") == ("Summarise.", "a ### Input: b")
 
 
 def test_seeded_sampling_is_reproducible_and_the_seed_matters(copy_model_dir, spy, tmp_path, capsys):
