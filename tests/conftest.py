@@ -109,6 +109,22 @@ def models(tiny_model_dir):
     return packed, seed
 
 
+@pytest.fixture(scope="session")
+def sp(copy_model_dir):
+    """The copy model's sentencepiece tokenizer, which expected ids are written with."""
+    import sentencepiece as spm
+
+    return spm.SentencePieceProcessor(model_file=str(copy_model_dir / "tokenizer.model"))
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    """An OpenAI client of the module's server (its ``served`` fixture gives the URL and the API key)."""
+    from openai import OpenAI
+
+    return OpenAI(base_url=served["url"], api_key=served["key"], max_retries=0, timeout=60)
+
+
 COPY_TASKS = {"Repeat the words.": lambda words: words, "Say the first word.": lambda words: words[:1]}
 
 

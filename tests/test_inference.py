@@ -107,13 +107,6 @@ def copy_tokenizer(copy_model_dir):
     return load_tokenizer(copy_model_dir)
 
 
-@pytest.fixture(scope="module")
-def sp(copy_model_dir):
-    import sentencepiece as spm
-
-    return spm.SentencePieceProcessor(model_file=str(copy_model_dir / "tokenizer.model"))
-
-
 def clean_ids(sp, instruction: str, input: str) -> list[int]:
     """The clean layout's inference prompt, written out: [1] + sp(prompt) + [2, 1]."""
     text = (f"### Input:\n{input}\n\n### Instruction:\n{instruction}\n\n### Response:" if input

@@ -149,36 +149,26 @@ def served(copy_model_dir, tmp_path_factory):
     log = tmp / "server.log"
     proc = start(["bash", "scripts/serve.sh", str(copy_model_dir), "--port", str(port), "--api_key", KEY], log)
     try:
-        questions = QUESTIONS + CONCURRENT
-        src, out = tmp / "q.jsonl", tmp / "a.jsonl"
-        src.write_text("".join(json.dumps({"instruction": i, "input": c}) + "\n" for i, c in questions))
-        result = run(["python", "inference.py", "--model_path", str(copy_model_dir), "--input_file", str(src),
-                      "--output_file", str(out), "--greedy", "--batch_size", "1"], timeout=240)
-        assert result.returncode == 0, result.stderr
-        reference = {(r["instruction"], r["input"]): r["generated"] for r in map(json.loads, out.open())}
+        reference = greedy_reference(copy_model_dir, tmp)
         result = run(["python", "inference.py", "--model_path", str(copy_model_dir), "--interactive", "--greedy"],
                      input="".join(user_message(*q) + "\n" for q in CHAT), timeout=240)
         assert result.returncode == 0, result.stderr
         conversation = [text.strip() for text in result.stdout.split("### Instruction: ")[1:len(CHAT) + 1]]
         wait_until_up(f"http://127.0.0.1:{port}/health", proc, log)
-        yield {"url": f"http://127.0.0.1:{port}/v1", "model": str(copy_model_dir), "reference": reference,
+        yield {"url": f"http://127.0.0.1:{port}/v1", "model": str(copy_model_dir), "key": KEY, "reference": reference,
                "conversation": conversation, "proc": proc, "log": log}
     finally:
         stop(proc)
 
 
-@pytest.fixture(scope="module")
-def client(served):
-    from openai import OpenAI
-
-    return OpenAI(base_url=served["url"], api_key=KEY, max_retries=0, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def sp(copy_model_dir):
-    import sentencepiece as spm
-
-    return spm.SentencePieceProcessor(model_file=str(copy_model_dir / "tokenizer.model"))
+def greedy_reference(model_dir: Path, tmp: Path) -> dict[tuple[str, str], str]:
+    """What every server must answer: ``inference.py --input_file --greedy`` on QUESTIONS + CONCURRENT."""
+    src, out = tmp / "q.jsonl", tmp / "a.jsonl"
+    src.write_text("".join(json.dumps({"instruction": i, "input": c}) + "\n" for i, c in QUESTIONS + CONCURRENT))
+    result = run(["python", "inference.py", "--model_path", str(model_dir), "--input_file", str(src),
+                  "--output_file", str(out), "--greedy", "--batch_size", "1"], timeout=240)
+    assert result.returncode == 0, result.stderr
+    return {(r["instruction"], r["input"]): r["generated"] for r in map(json.loads, out.open())}
 
 
 def ask(client, model: str, question: tuple[str, str], **kwargs):

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.conftest import free_port, run
+from tests.conftest import free_port
 from tests.test_serve import (
     BAD_REQUESTS,
     CONCURRENT,
@@ -23,6 +23,7 @@ from tests.test_serve import (
     REPEAT,
     ask,
     clean_ids,
+    greedy_reference,
     start,
     stop,
     wait_until_up,
@@ -122,31 +123,12 @@ def served(gguf_file, copy_model_dir, tmp_path_factory):
     log = tmp / "server.log"
     proc = start(["bash", "scripts/serve.sh", str(gguf_file), "--port", str(port), "--api_key", KEY], log)
     try:
-        src, out = tmp / "q.jsonl", tmp / "a.jsonl"
-        src.write_text("".join(json.dumps({"instruction": i, "input": c}) + "\n" for i, c in QUESTIONS + CONCURRENT))
-        result = run(["python", "inference.py", "--model_path", str(copy_model_dir), "--input_file", str(src),
-                      "--output_file", str(out), "--greedy", "--batch_size", "1"], timeout=240)
-        assert result.returncode == 0, result.stderr
-        reference = {(r["instruction"], r["input"]): r["generated"] for r in map(json.loads, out.open())}
+        reference = greedy_reference(copy_model_dir, tmp)
         wait_until_up(f"http://127.0.0.1:{port}/health", proc, log)
-        yield {"url": f"http://127.0.0.1:{port}/v1", "model": str(gguf_file), "reference": reference, "proc": proc,
-               "log": log}
+        yield {"url": f"http://127.0.0.1:{port}/v1", "model": str(gguf_file), "key": KEY, "reference": reference,
+               "proc": proc, "log": log}
     finally:
         stop(proc)
-
-
-@pytest.fixture(scope="module")
-def client(served):
-    from openai import OpenAI
-
-    return OpenAI(base_url=served["url"], api_key=KEY, max_retries=0, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def sp(copy_model_dir):
-    import sentencepiece as spm
-
-    return spm.SentencePieceProcessor(model_file=str(copy_model_dir / "tokenizer.model"))
 
 
 @pytest.mark.slow
