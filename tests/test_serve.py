@@ -177,7 +177,7 @@ def ask(client, model: str, question: tuple[str, str], **kwargs):
 
 
 @pytest.mark.slow
-def test_models_list_names_the_served_folder(served, client):
+def test_models_list_names_what_is_served(served, client):
     assert [m.id for m in client.models.list().data] == [served["model"]]
 
 

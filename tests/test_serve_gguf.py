@@ -10,14 +10,13 @@ message each), and a request without the key gets 401 and never reaches the app.
 from __future__ import annotations
 
 import json
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from tests import test_serve
 from tests.conftest import free_port
 from tests.test_serve import (
     BAD_REQUESTS,
-    CONCURRENT,
     FIRST,
     QUESTIONS,
     REPEAT,
@@ -28,6 +27,15 @@ from tests.test_serve import (
     stop,
     wait_until_up,
 )
+
+# The tests every engine passes, collected here too: they run against this module's ``served`` (the
+# GGUF). llama-cpp-python answers concurrent clients one at a time; the others wait, none is cut
+# short or mixed up.
+test_models_list_names_what_is_served = test_serve.test_models_list_names_what_is_served
+test_greedy_answer_equals_inference_py_and_the_prompt_is_the_training_prompt = (
+    test_serve.test_greedy_answer_equals_inference_py_and_the_prompt_is_the_training_prompt)
+test_eight_concurrent_clients_each_get_their_own_answer = (
+    test_serve.test_eight_concurrent_clients_each_get_their_own_answer)
 
 KEY = "sk-local-test-key"
 
@@ -132,39 +140,12 @@ def served(gguf_file, copy_model_dir, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_models_list_names_the_served_file(served, client):
-    assert [m.id for m in client.models.list().data] == [served["model"]]
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("question", QUESTIONS, ids=["repeat", "first_word", "no_input"])
-def test_greedy_answer_equals_inference_py_and_the_prompt_is_the_training_prompt(served, client, sp, question):
-    reply = ask(client, served["model"], question)
-    assert reply.choices[0].message.content == served["reference"][question]
-    assert reply.usage.prompt_tokens == len(clean_ids(sp, *question))
-
-
-@pytest.mark.slow
 def test_streamed_chunks_join_to_the_same_answer(served, client):
     question = QUESTIONS[0]
     chunks = [c.choices[0].delta.content or "" for c in ask(client, served["model"], question, stream=True)
               if c.choices]
     assert len([c for c in chunks if c]) > 1
     assert "".join(chunks) == served["reference"][question]
-
-
-@pytest.mark.slow
-def test_eight_concurrent_clients_each_get_their_own_answer(served, client, sp):
-    """llama-cpp-python answers one at a time; the others wait (none is cut short or mixed up)."""
-    assert len({served["reference"][q] for q in CONCURRENT}) == len(CONCURRENT)
-
-    def answer(question):
-        reply = ask(client, served["model"], question)
-        return reply.choices[0].message.content, reply.usage.prompt_tokens
-
-    with ThreadPoolExecutor(len(CONCURRENT)) as pool:
-        replies = list(pool.map(answer, CONCURRENT))
-    assert replies == [(served["reference"][q], len(clean_ids(sp, *q))) for q in CONCURRENT]
 
 
 @pytest.mark.slow
