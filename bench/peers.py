@@ -132,12 +132,9 @@ def generated(count: int, conversations: bool, seed: int = 0) -> list[dict]:
 
 def exchanges(record: dict) -> tuple:
     """A generated record (Alpaca or ``messages``) as the conversation the trainer reads it as."""
-    from openalpaca.conversations import to_exchanges
-    from openalpaca.data import as_conversation
+    from openalpaca.conversations import parse_conversations
 
-    if "messages" not in record:
-        return as_conversation(record)
-    return to_exchanges([("", m["role"], m["content"]) for m in record["messages"]], "", "refuse")
+    return parse_conversations([("generated record", record)])[1][0]
 
 
 def fitting_records(count: int, max_length: int, tokenizer, seed: int = 0, conversations: bool = False) -> list[dict]:
@@ -149,8 +146,8 @@ def fitting_records(count: int, max_length: int, tokenizer, seed: int = 0, conve
     kept: list[dict] = []
     for rec in generated(2 * count + 64, conversations, seed):
         # The original layout adds two tokens per exchange; leave room so it too fits whole.
-        n = len(exchanges(rec))
-        sample = encode_conversation(tokenizer, exchanges(rec), max_length - 2 * n, fmt)
+        conversation = exchanges(rec)
+        sample = encode_conversation(tokenizer, conversation, max_length - 2 * len(conversation), fmt)
         if sample is not None and not sample.truncated:
             kept.append(rec)
         if len(kept) == count:
