@@ -11,9 +11,9 @@ input it was asked with, and the answers shown), which the model folder's chat t
 the model was trained on conversations (docs/conversations.md); clearing the chat starts a new one.
 The optional input goes in the same user message as ``INSTRUCTION ### Input: CONTEXT`` (the chat
 template's convention). Sampling defaults are the original's: temperature 1, top-p 0.9, 128 new
-tokens, and top-k 50 from the model folder's ``generation_config.json`` (the server applies it;
-temperature 0 is greedy). When the server cannot be reached the page says so, with the command
-that starts one.
+tokens, and top-k 50, which the server applies (from the model folder's ``generation_config.json``,
+or the GGUF's sampling keys; temperature 0 is greedy). When the server cannot be reached the page
+says so, with the command that starts one.
 """
 
 from __future__ import annotations
@@ -177,8 +177,8 @@ def build_page(answerer: Answerer, temperature: float, top_p: float, max_tokens:
     ]
     with gr.Blocks(title="OpenAlpaca", analytics_enabled=False) as page:
         gr.Markdown(f"## OpenAlpaca\nServer: `{answerer.base_url}`. Each question is sent with the conversation "
-                    "so far; clear the chat to start a new one. Top-k 50 comes from the model folder's "
-                    "generation_config.json.")
+                    "so far; clear the chat to start a new one. Top-k 50 is the server's default (the model folder's "
+                    "generation_config.json, or the GGUF's sampling keys).")
         sent = gr.State([])  # [shown, sent] of each question of the conversation (its input with it)
         # The accordion is named, not built here: a gr.Accordion made inside the Blocks would be rendered
         # where it is made (an empty panel) and again by ChatInterface around the inputs.
